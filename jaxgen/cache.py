@@ -1,0 +1,57 @@
+"""Dense KV cache as a pytree, and the pure operations samplers use on it.
+
+Slot s holds the token at position s (layout coordinates = positions), so a cached key is
+masked by the same layout rule as a fresh one. `length` is the number of filled slots, shared
+by the batch: writes append at `length`. Keys are stored after RoPE.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxgen.errors import JaxgenError
+
+
+@flax.struct.dataclass
+class KVCache:
+    k_NBSKD: jax.Array  # N = layers
+    v_NBSKD: jax.Array
+    length: jax.Array  # int32 scalar: filled slots [0, length)
+
+    @property
+    def max_len(self) -> int:
+        return self.k_NBSKD.shape[2]
+
+
+def init_cache(cfg, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+    """An empty cache for `batch` rows and `max_len` slots (default: the model's maximum)."""
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if max_len > cfg.max_seq_len:
+        raise JaxgenError(f"cache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def truncate(cache: KVCache, length) -> KVCache:
+    """Forget slots >= length (they are masked out, and overwritten by later writes)."""
+    return cache.replace(length=jnp.minimum(cache.length, jnp.asarray(length, jnp.int32)))
+
+
+def prefill(params, cfg, cache: KVCache, tokens_BL, layout):
+    """Write the K/V of `tokens` at the next slots; return (logits of those tokens, cache)."""
+    from jaxgen import model  # model imports cache: late import keeps one direction at import time
+    return model.forward(params, cfg, tokens_BL, layout=layout, cache=cache, cache_mode="write")
+
+
+append = prefill  # one decode step is a prefill of length 1
+commit_block = prefill  # a clean block's K/V written once (SDAR/BD3)
+
+
+def read_only(params, cfg, cache: KVCache, tokens_BL, positions_BL, layout):
+    """Attend over the cache plus `tokens` without writing anything (a denoising step)."""
+    from jaxgen import model
+    logits, _ = model.forward(params, cfg, tokens_BL, positions=positions_BL, layout=layout, cache=cache,
+                              cache_mode="read")
+    return logits

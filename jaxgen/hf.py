@@ -1,0 +1,204 @@
+"""Hugging Face safetensors <-> jaxgen for Llama, Qwen2 and Qwen3 checkpoints.
+
+`load(dir)` reads config.json and every *.safetensors shard; `save(dir, cfg, params)` writes a
+directory that `transformers.AutoModelForCausalLM.from_pretrained` loads back.
+Torch Linear weights are [out, in]; ours are [in, ..., out] with heads split out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from jaxgen.config import ModelConfig
+from jaxgen.errors import HFFormatError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_MODEL_TYPE_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """Map an HF config.json dict to a ModelConfig."""
+    arch = (hf.get("architectures") or [None])[0]
+    model_type = hf.get("model_type")
+    if arch not in ARCHITECTURES and model_type not in _MODEL_TYPE_TO_ARCH:
+        raise HFFormatError(f"unsupported architecture {arch or model_type!r}; jaxgen.hf loads "
+                            f"{', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES.get(arch, model_type)
+    try:
+        heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        kw = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads, mlp_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=family == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise HFFormatError(f"config.json lacks {e.args[0]!r}; is this a complete {family} checkpoint?") from None
+    rope_scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
+    if rope_scaling.get("rope_type", "default") not in ("default", None):
+        raise HFFormatError(f"rope_scaling type {rope_scaling.get('rope_type')!r} is not supported yet; "
+                            "only plain RoPE (rope_type='default') loads exactly")
+    vocab = kw["vocab_size"]
+    ids = {name: hf.get(f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    ids = {k: (v[0] if isinstance(v, list) else v) for k, v in ids.items()}
+    kw |= {f"{k}_id": (v if v is not None and 0 <= v < vocab else None) for k, v in ids.items()}
+    mask_id = hf.get("mask_token_id")
+    kw["mask_id"] = mask_id if mask_id is not None and 0 <= mask_id < vocab else None
+    kw |= overrides
+    return ModelConfig(**kw)
+
+
+def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict:
+    family = family or ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama")
+    if family == "qwen2" and not cfg.qkv_bias or family == "qwen3" and not cfg.qk_norm:
+        raise HFFormatError(f"family {family!r} does not match the config (qkv_bias={cfg.qkv_bias}, "
+                            f"qk_norm={cfg.qk_norm})")
+    hf = {
+        "architectures": [_MODEL_TYPE_TO_ARCH[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu", "torch_dtype": "float32",
+        "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+        "mask_token_id": cfg.mask_id,
+    }
+    if family == "llama":
+        hf |= {"attention_bias": cfg.qkv_bias, "mlp_bias": False}
+    return hf
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise HFFormatError(f"no *.safetensors files in {path}; convert .bin checkpoints to safetensors first")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        needed = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(needed - {f.name for f in files})
+        if missing:
+            raise HFFormatError(f"{path} is incomplete: shards {missing} named in the index are missing")
+    tensors = {}
+    for f in files:
+        try:
+            tensors |= load_file(str(f))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise HFFormatError(f"cannot read {f}: {e}; the shard is corrupt or partially downloaded") from None
+    return tensors
+
+
+def load(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """Load (cfg, params) from an HF directory with config.json and *.safetensors."""
+    import jax.numpy as jnp
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise HFFormatError(f"{path} is not a directory; pass a Hugging Face checkpoint folder")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise HFFormatError(f"{path} has no config.json; it is not a Hugging Face checkpoint")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()), param_dtype=dtype)
+    tensors = _read_safetensors(path)
+    params = params_from_hf(tensors, cfg)
+    return cfg, jax_tree_map(lambda a: jnp.asarray(a, dtype=dtype), params)
+
+
+def jax_tree_map(fn, tree):
+    import jax
+    return jax.tree.map(fn, tree)
+
+
+def params_from_hf(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """Map HF tensor names to the jaxgen params pytree (numpy)."""
+    N, E, H, K, D = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def get(name):
+        if name not in t:
+            raise HFFormatError(f"tensor {name!r} is missing from the checkpoint; the shards are incomplete "
+                                "or the architecture does not match config.json")
+        return np.asarray(t[name], np.float32)
+
+    def stack(fmt, fn):
+        return np.stack([fn(get(fmt.format(i))) for i in range(N)])
+
+    p = "model.layers.{}."
+    layers = {
+        "attn_norm": stack(p + "input_layernorm.weight", lambda w: w),
+        "mlp_norm": stack(p + "post_attention_layernorm.weight", lambda w: w),
+        "wq": stack(p + "self_attn.q_proj.weight", lambda w: w.T.reshape(E, H, D)),
+        "wk": stack(p + "self_attn.k_proj.weight", lambda w: w.T.reshape(E, K, D)),
+        "wv": stack(p + "self_attn.v_proj.weight", lambda w: w.T.reshape(E, K, D)),
+        "wo": stack(p + "self_attn.o_proj.weight", lambda w: w.T.reshape(H, D, E)),
+        "w_gate": stack(p + "mlp.gate_proj.weight", lambda w: w.T),
+        "w_up": stack(p + "mlp.up_proj.weight", lambda w: w.T),
+        "w_down": stack(p + "mlp.down_proj.weight", lambda w: w.T),
+    }
+    if cfg.qkv_bias:
+        layers |= {"bq": stack(p + "self_attn.q_proj.bias", lambda b: b.reshape(H, D)),
+                   "bk": stack(p + "self_attn.k_proj.bias", lambda b: b.reshape(K, D)),
+                   "bv": stack(p + "self_attn.v_proj.bias", lambda b: b.reshape(K, D))}
+    if cfg.qk_norm:
+        layers |= {"q_norm": stack(p + "self_attn.q_norm.weight", lambda w: w),
+                   "k_norm": stack(p + "self_attn.k_norm.weight", lambda w: w)}
+    params = {"embed": get("model.embed_tokens.weight"), "layers": layers, "final_norm": get("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = get("lm_head.weight").T
+    return params
+
+
+def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_hf`: HF names, torch layouts, contiguous float32."""
+    N, E, H, K, D = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    L = {k: np.asarray(v, np.float32) for k, v in params["layers"].items()}
+    out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
+           "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = np.asarray(params["lm_head"], np.float32).T
+    for i in range(N):
+        p = f"model.layers.{i}."
+        out |= {
+            p + "input_layernorm.weight": L["attn_norm"][i],
+            p + "post_attention_layernorm.weight": L["mlp_norm"][i],
+            p + "self_attn.q_proj.weight": L["wq"][i].reshape(E, H * D).T,
+            p + "self_attn.k_proj.weight": L["wk"][i].reshape(E, K * D).T,
+            p + "self_attn.v_proj.weight": L["wv"][i].reshape(E, K * D).T,
+            p + "self_attn.o_proj.weight": L["wo"][i].reshape(H * D, E).T,
+            p + "mlp.gate_proj.weight": L["w_gate"][i].T,
+            p + "mlp.up_proj.weight": L["w_up"][i].T,
+            p + "mlp.down_proj.weight": L["w_down"][i].T,
+        }
+        if cfg.qkv_bias:
+            out |= {p + "self_attn.q_proj.bias": L["bq"][i].reshape(-1),
+                    p + "self_attn.k_proj.bias": L["bk"][i].reshape(-1),
+                    p + "self_attn.v_proj.bias": L["bv"][i].reshape(-1)}
+        if cfg.qk_norm:
+            out |= {p + "self_attn.q_norm.weight": L["q_norm"][i], p + "self_attn.k_norm.weight": L["k_norm"][i]}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def save(path, cfg: ModelConfig, params: dict, family: str | None = None) -> None:
+    """Write config.json + model.safetensors (atomically: into a temp dir, then renamed)."""
+    from safetensors.numpy import save_file
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, family), indent=2))
+    save_file(params_to_hf(params, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if path.exists():
+        for f in path.iterdir():
+            if f.name == "config.json" or f.suffix == ".safetensors" or f.name.endswith(".index.json"):
+                f.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, path)
