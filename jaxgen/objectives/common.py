@@ -1,0 +1,29 @@
+"""Shared pieces of the objectives: cross-entropy, masks, the diffusion time sampler."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits_BLV, targets_BL):
+    """Per-token cross-entropy in float32."""
+    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
+
+
+def loss_and_prompt_masks(batch):
+    tokens = batch["tokens"]
+    loss_mask = batch.get("loss_mask")
+    loss_mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+    prompt = batch.get("prompt_mask")
+    prompt = jnp.zeros(tokens.shape, bool) if prompt is None else prompt.astype(bool)
+    return loss_mask, prompt
+
+
+def sample_t(key, n: int, eps: float, antithetic: bool):
+    """t = eps + (1 - eps) u, u ~ U(0, 1); antithetic: u_i = (u_0 + i / n) mod 1 (MDLM)."""
+    if antithetic:
+        u = (jax.random.uniform(key, ()) + jnp.arange(n) / n) % 1.0
+    else:
+        u = jax.random.uniform(key, (n,))
+    return eps + (1.0 - eps) * u
