@@ -62,7 +62,7 @@ def init_state(cfg, optimizer, key, shardings) -> TrainState:
     def build(key):
         params = model.init(cfg, key)
         return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-    return jax.jit(build, out_shardings=shardings)(key)
+    return jax.jit(build, out_shardings=shardings)(key) if shardings is not None else build(key)
 
 
 def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard):

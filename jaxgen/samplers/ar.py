@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.cache import init_cache
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward
+from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers.common import SamplerOutput, check_prompt, forbid_mask_token, sample_tokens
 
 
@@ -35,6 +35,7 @@ def generate(params, cfg, prompt, key, max_new_tokens: int = 128, temperature: f
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos"))
 def _generate(params, cfg, prompt, key, temperature, top_k, top_p, eos, *, max_new_tokens, stop_at_eos):
+    params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
     logits, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxgen import cache as cache_lib
 from jaxgen import layouts
+from jaxgen.model import unstack_layers
 from jaxgen.errors import JaxgenError
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
                                     forbid_mask_token, num_transfer_tokens, rank_within_rows, sample_tokens,
@@ -74,6 +75,7 @@ def commit_rule(remasking, conf_BL, masked_BL, k, threshold):
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "denoising_steps", "remasking"))
 def _generate(params, cfg, prompt, key, temperature, top_k, top_p, threshold, *, gen_length, block_length,
               denoising_steps, remasking):
+    params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
     num_blocks = -(-(P + gen_length) // block_length)
     total = num_blocks * block_length

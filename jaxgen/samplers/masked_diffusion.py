@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward
+from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
                                     num_transfer_tokens, top_k_commit, with_mask_id)
 
@@ -78,6 +78,7 @@ def gumbel_argmax(logits, key, temperature):
                                              "eos_logit_inf"))
 def _generate(params, cfg, prompt, key, temperature, cfg_scale, *, gen_length, steps, block_length, remasking,
               eos_logit_inf):
+    params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks

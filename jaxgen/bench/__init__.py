@@ -1,0 +1,1 @@
+"""Benchmarks: jaxgen and its peer measured side by side in one process (`jaxgen bench ...`)."""
