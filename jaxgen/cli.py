@@ -1,0 +1,177 @@
+"""The `jaxgen` command: train | sample | eval | convert | bench | demo."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from jaxgen.errors import JaxgenError
+
+
+def _train(args):
+    from jaxgen import config, parallel, train
+    parallel.initialize_distributed(args.distributed)
+    model_cfg, train_cfg = config.preset(args.preset)
+    fixed = {"objective": args.objective, "steps": args.steps, "seed": args.seed, "mesh": args.mesh,
+             "rules": args.rules}
+    train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in fixed.items() if v is not None})
+    model_cfg, train_cfg = config.apply_overrides(model_cfg, train_cfg, args.overrides)
+    result = train.train(model_cfg, train_cfg, args.out, fresh=args.fresh)
+    last = train.read_metrics(result["metrics_path"])[-1]
+    print(f"step {last['step']}: loss {last['loss']:.4f}"
+          + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
+          + f"; checkpoints and metrics.jsonl in {args.out}")
+
+
+def _load_model(args):
+    from jaxgen import hf, runs
+    if bool(args.run) == bool(args.hf):
+        raise JaxgenError("pass exactly one of --run OUT (a jaxgen train folder) or --hf DIR (a HF checkpoint)")
+    if args.run:
+        cfg, tcfg, params = runs.load_run(args.run)
+        return cfg, params, tcfg.tokenizer
+    cfg, params = hf.load(args.hf)
+    import pathlib
+    tok = str(pathlib.Path(args.hf) / "tokenizer.json") if (pathlib.Path(args.hf) / "tokenizer.json").exists() else "bytes"
+    return cfg, params, tok
+
+
+def _sample(args):
+    import jax
+    import numpy as np
+    from jaxgen import data
+    from jaxgen.samplers import ar, block_diffusion, masked_diffusion
+    cfg, params, tok_name = _load_model(args)
+    tokenizer = data.get_tokenizer(args.tokenizer or tok_name)
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + list(tokenizer.encode(args.prompt))
+    prompt = np.asarray([ids] * args.batch, np.int32)
+    key = jax.random.key(args.seed)
+    if args.sampler == "ar":
+        out = ar.generate(params, cfg, prompt, key, max_new_tokens=args.gen_length, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p)
+    elif args.sampler == "masked_diffusion":
+        out = masked_diffusion.generate(params, cfg, prompt, key, gen_length=args.gen_length,
+                                        steps=args.steps or args.gen_length, block_length=args.block_length,
+                                        temperature=args.temperature, remasking=args.remasking or "low_confidence")
+    else:
+        out = block_diffusion.generate(params, cfg, prompt, key, gen_length=args.gen_length,
+                                       block_length=args.block_length, denoising_steps=args.steps or args.block_length,
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       remasking=args.remasking or "low_confidence_dynamic",
+                                       threshold=args.threshold)
+    for row in np.asarray(out.tokens):
+        print(repr(tokenizer.decode(row)))
+    print(f"nfe={int(out.nfe)}")
+
+
+def _eval(args):
+    import dataclasses as dc
+    from jaxgen import data, parallel, runs, train
+    cfg, tcfg, params = runs.load_run(args.run)
+    tcfg = dc.replace(tcfg, eval_batches=args.batches)
+    tokenizer = data.get_tokenizer(tcfg.tokenizer)
+    _, val_rows = data.corpus(tcfg, tokenizer)
+    mesh = parallel.make_mesh("")
+    loss = train.evaluate(train.make_eval_step(cfg, tcfg), params, val_rows, tcfg,
+                          parallel.batch_sharding(mesh, tcfg.rules, tcfg.batch_size))
+    bpb = train.bits_per_byte(loss) if tokenizer.name == "bytes" else None
+    print(f"{tcfg.objective} eval loss {loss:.4f} nats/token" + (f", {bpb:.4f} bits/byte" if bpb else ""))
+
+
+def _convert(args):
+    from jaxgen import hf, runs
+    cfg, _, params = runs.load_run(args.run)
+    hf.save(args.to_hf, cfg, params, family=args.family)
+    print(f"wrote a Hugging Face checkpoint to {args.to_hf}")
+
+
+def _bench(args):
+    if args.what == "ar":
+        from jaxgen.bench import ar
+        ar.main(args)
+
+
+def _demo(args):
+    from jaxgen import demo
+    demo.run(out_dir=args.out, steps=args.steps, preset=args.preset, gen_length=args.gen_length,
+             overrides=args.overrides, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxgen", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model; key=value overrides any config field")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--objective", choices=("ar", "masked_diffusion", "block_diffusion"))
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--mesh", help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    t.add_argument("--rules", choices=("dp", "fsdp", "tp", "fsdp+tp"))
+    t.add_argument("--out", default="runs/default")
+    t.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
+    t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.set_defaults(fn=_train)
+
+    s = sub.add_parser("sample", help="generate from a trained run or a HF checkpoint")
+    s.add_argument("--run")
+    s.add_argument("--hf")
+    s.add_argument("--tokenizer", help="bytes or a tokenizer.json (default: the run's)")
+    s.add_argument("--sampler", choices=("ar", "masked_diffusion", "block_diffusion"), default="ar")
+    s.add_argument("--prompt", default="def ")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--gen-length", type=int, default=64)
+    s.add_argument("--steps", type=int, default=0)
+    s.add_argument("--block-length", type=int, default=16)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--remasking")
+    s.add_argument("--threshold", type=float, default=0.9)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_sample)
+
+    e = sub.add_parser("eval", help="validation loss and bits/byte of a trained run")
+    e.add_argument("--run", required=True)
+    e.add_argument("--batches", type=int, default=8)
+    e.set_defaults(fn=_eval)
+
+    c = sub.add_parser("convert", help="export a trained run as a Hugging Face checkpoint")
+    c.add_argument("--run", required=True)
+    c.add_argument("--to-hf", required=True)
+    c.add_argument("--family", choices=("llama", "qwen2", "qwen3"))
+    c.set_defaults(fn=_convert)
+
+    b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
+    b.add_argument("what", choices=("ar",))
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--batches", default="1,8")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(fn=_bench)
+
+    d = sub.add_parser("demo", help="train and sample AR, masked- and block-diffusion models (offline)")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--preset", default="tiny")
+    d.add_argument("--gen-length", type=int, default=64)
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except JaxgenError as e:
+        print(f"jaxgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Backbone: shapes, jit/no-jit agreement, cache paths equal full recompute, remat, bad input."""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen import cache as cache_lib
+from jaxgen import layouts, model
+from jaxgen.errors import ConfigError, JaxgenError
+
+
+class ForwardTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_forward_shapes_and_finite(self):
+        from jaxgen.config import ModelConfig
+        cfg = ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8,
+                          mlp_dim=32, max_seq_len=32, mask_id=49, bos_id=None, eos_id=None, pad_id=None,
+                          qkv_bias=True, qk_norm=True, tie_embeddings=True)
+        params = model.init(cfg, jax.random.key(0))
+        fwd = self.variant(lambda p, t: model.forward(p, cfg, t)[0])
+        logits = fwd(params, jnp.zeros((3, 5), jnp.int32))
+        chex.assert_shape(logits, (3, 5, 50))
+        chex.assert_tree_all_finite(logits)
+        hidden, _ = model.forward(params, cfg, jnp.zeros((3, 5), jnp.int32), return_hidden=True)
+        chex.assert_shape(hidden, (3, 5, 16))
+
+
+def test_params_have_logical_axes(tiny_cfg, tiny_params):
+    axes = model.param_axes(tiny_cfg)
+    jax.tree.map(lambda a, p: None if len(a) == p.ndim else pytest.fail(f"{a} vs {p.shape}"), axes, tiny_params,
+                 is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.mark.parametrize("layout", [layouts.causal(), layouts.block_causal(4)], ids=lambda l: l.kind)
+def test_cache_prefill_append_equals_full(layout, tiny_cfg, tiny_params):
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 256)
+    full, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layout)
+    c = cache_lib.init_cache(tiny_cfg, 2, 16)
+    a, c = cache_lib.prefill(tiny_params, tiny_cfg, c, tokens[:, :8], layout)
+    b, c = cache_lib.append(tiny_params, tiny_cfg, c, tokens[:, 8:], layout)
+    assert int(c.length) == 12
+    np.testing.assert_allclose(np.concatenate([a, b], 1), full, atol=2e-5)
+
+
+def test_cache_read_only_equals_full_block_causal(tiny_cfg, tiny_params):
+    """A denoising step (read-only cache + current block) equals the full block-causal forward."""
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
+    layout = layouts.block_causal(4)
+    full, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layout)
+    c = cache_lib.init_cache(tiny_cfg, 2, 12)
+    _, c = cache_lib.commit_block(tiny_params, tiny_cfg, c, tokens[:, :8], layout)
+    pos = jnp.broadcast_to(jnp.arange(8, 12), (2, 4))
+    out = cache_lib.read_only(tiny_params, tiny_cfg, c, tokens[:, 8:], pos, layout)
+    np.testing.assert_allclose(out, full[:, 8:], atol=2e-5)
+    assert int(c.length) == 8
+    assert int(cache_lib.truncate(c, 4).length) == 4
+
+
+def test_unstacked_and_remat_agree(tiny_cfg, tiny_params):
+    tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, 256)
+    ref, _ = model.forward(tiny_params, tiny_cfg, tokens)
+    un, _ = model.forward(model.unstack_layers(tiny_params), tiny_cfg, tokens)
+    np.testing.assert_allclose(un, ref, atol=1e-5)
+    cfg_r = dataclasses.replace(tiny_cfg, remat="full")
+    g1 = jax.grad(lambda p: model.forward(p, tiny_cfg, tokens)[0].sum())(tiny_params)
+    g2 = jax.grad(lambda p: model.forward(p, cfg_r, tokens)[0].sum())(tiny_params)
+    chex.assert_trees_all_close(g1, g2, atol=1e-3, rtol=2e-3)
+
+
+def test_bfloat16_compute_runs(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, dtype="bfloat16")
+    logits, _ = model.forward(tiny_params, cfg, jnp.zeros((1, 4), jnp.int32))
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_bad_config_and_tokens(tiny_cfg):
+    from jaxgen.config import ModelConfig
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match="mask_id"):
+        ModelConfig(vocab_size=100, mask_id=259)
+    with pytest.raises(JaxgenError, match="outside the vocabulary"):
+        model.check_tokens(np.array([[1, 300]]), tiny_cfg)
+    with pytest.raises(JaxgenError, match="max_len"):
+        cache_lib.init_cache(tiny_cfg, 1, 10_000)
