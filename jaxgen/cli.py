@@ -164,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may sit anywhere among the options
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides) or ' '.join(extra)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     try:
         args.fn(args)
     except JaxgenError as e:

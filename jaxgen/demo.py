@@ -41,7 +41,7 @@ def sample(paradigm, params, cfg, prompt, gen_length: int):
         return lambda: ar.generate(params, cfg, prompt, key, max_new_tokens=gen_length)
     if paradigm == "masked_diffusion":
         return lambda: masked_diffusion.generate(params, cfg, prompt, key, gen_length=gen_length, steps=gen_length,
-                                                 block_length=16)
+                                                 block_length=min(16, gen_length))
     return lambda: block_diffusion.generate(params, cfg, prompt, key, gen_length=gen_length, block_length=4,
                                             denoising_steps=4, remasking="low_confidence_dynamic", threshold=0.9)
 
