@@ -99,6 +99,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def load(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     """Load (cfg, params) from an HF directory with config.json and *.safetensors."""
+    import jax
     import jax.numpy as jnp
     path = pathlib.Path(path)
     if not path.is_dir():
@@ -109,12 +110,7 @@ def load(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     cfg = config_from_hf(json.loads(cfg_file.read_text()), param_dtype=dtype)
     tensors = _read_safetensors(path)
     params = params_from_hf(tensors, cfg)
-    return cfg, jax_tree_map(lambda a: jnp.asarray(a, dtype=dtype), params)
-
-
-def jax_tree_map(fn, tree):
-    import jax
-    return jax.tree.map(fn, tree)
+    return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
 
 
 def params_from_hf(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict:

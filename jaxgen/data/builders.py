@@ -38,16 +38,9 @@ def stdlib_files(max_files: int = 0) -> list[pathlib.Path]:
     return files[:max_files] if max_files else files
 
 
-@dataclasses.dataclass
-class StdlibConfig(tfds.core.BuilderConfig):
-    max_files: int = 0
-
-
-class PythonStdlib(tfds.core.GeneratorBasedBuilder):
-    """The installed Python standard library's .py sources."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [StdlibConfig(name="all", max_files=0)]
+class _TextCorpus(tfds.core.GeneratorBasedBuilder):
+    """Shared shape of our local corpora: {"text", "path"} examples, train/validation splits.
+    Abstract (no _generate_examples), so tfds does not register it as a data set."""
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
@@ -56,6 +49,18 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(False), "validation": self._generate_examples(True)}
+
+
+@dataclasses.dataclass
+class StdlibConfig(tfds.core.BuilderConfig):
+    max_files: int = 0
+
+
+class PythonStdlib(_TextCorpus):
+    """The installed Python standard library's .py sources."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [StdlibConfig(name="all", max_files=0)]
 
     def _generate_examples(self, validation: bool):
         root = pathlib.Path(sysconfig.get_paths()["stdlib"])
@@ -71,19 +76,11 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     chunk_lines: int = 64
 
 
-class TextFiles(tfds.core.GeneratorBasedBuilder):
+class TextFiles(_TextCorpus):
     """User-named text files, chunked by lines."""
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [TextFilesConfig(name="empty")]
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                     features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                                                          "path": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(False), "validation": self._generate_examples(True)}
 
     def _generate_examples(self, validation: bool):
         n = 0
