@@ -94,7 +94,7 @@ def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard):
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    rep = jax.tree.map(lambda _: parallel.replicated(batch_shard.mesh), {"k": 0})["k"]
+    rep = parallel.replicated(batch_shard.mesh)
     return jax.jit(step, in_shardings=(shardings, batch_shard, rep), out_shardings=(shardings, rep),
                    donate_argnums=(0,))
 

@@ -89,7 +89,8 @@ def train_throughput(preset_name: str, steps: int = 10) -> dict:
         times.append(dt)
     tokens = tcfg.batch_size * tcfg.seq_len
     tps = tokens / median(times)
-    n_matmul = model.num_params(state.params) - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 1)
+    # the embedding lookup is no matmul; a tied embedding is still used once, as the output head
+    n_matmul = model.num_params(state.params) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
     attn_flops = 12 * cfg.num_layers * tcfg.seq_len * cfg.num_heads * cfg.head_dim  # fwd+bwd QK^T and PV per token
     flops_per_token = 6 * n_matmul + attn_flops
     peak = matmul_gflops()
