@@ -15,23 +15,48 @@ from jaxgen.errors import JaxgenError
 
 @flax.struct.dataclass
 class KVCache:
-    k_NBSKD: jax.Array  # N = layers
-    v_NBSKD: jax.Array
+    k: jax.Array | list  # [N, B, K, S, D] stacked over layers, or a list of N [B, K, S, D] buffers
+    v: jax.Array | list
     length: jax.Array  # int32 scalar: filled slots [0, length)
 
     @property
+    def unstacked(self) -> bool:
+        return isinstance(self.k, (list, tuple))
+
+    @property
     def max_len(self) -> int:
-        return self.k_NBSKD.shape[2]
+        return self.k[0].shape[2] if self.unstacked else self.k.shape[3]
 
 
-def init_cache(cfg, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
-    """An empty cache for `batch` rows and `max_len` slots (default: the model's maximum)."""
+def unstack_cache(cache: KVCache) -> KVCache:
+    """One buffer per layer. Decode loops carry this form: a write then updates its own layer's
+    buffer in place instead of a slice of the stacked array (measured on XLA CPU: see
+    `jaxgen.model.unstack_layers`, which the model then applies to the params too)."""
+    if cache.unstacked:
+        return cache
+    return cache.replace(k=list(cache.k), v=list(cache.v))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """The stacked [N, B, K, S, D] form (for scans and checkpoints)."""
+    if not cache.unstacked:
+        return cache
+    return cache.replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
+
+
+def init_cache(cfg, batch: int, max_len: int | None = None, dtype=None, per_layer: bool = False) -> KVCache:
+    """An empty cache for `batch` rows and `max_len` slots (default: the model's maximum);
+    `per_layer` gives one buffer per layer (the form decode loops carry, see `unstack_cache`)."""
     max_len = cfg.max_seq_len if max_len is None else max_len
     if max_len > cfg.max_seq_len:
         raise JaxgenError(f"cache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if per_layer:
+        zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+    else:
+        zeros = lambda: jnp.zeros((cfg.num_layers, *shape), dtype)
+    return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
 
 def truncate(cache: KVCache, length) -> KVCache:

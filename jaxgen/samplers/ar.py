@@ -30,15 +30,18 @@ def generate(params, cfg, prompt, key, max_new_tokens: int = 128, temperature: f
     if stop_at_eos and eos is None:
         raise JaxgenError("stop_at_eos=True needs an eos_id (the config has none)")
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                     jnp.int32(-1 if eos is None else eos), max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos)
+                     jnp.int32(-1 if eos is None else eos), max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+                     greedy=temperature == 0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos"))
-def _generate(params, cfg, prompt, key, temperature, top_k, top_p, eos, *, max_new_tokens, stop_at_eos):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos", "greedy"))
+def _generate(params, cfg, prompt, key, temperature, top_k, top_p, eos, *, max_new_tokens, stop_at_eos, greedy):
     params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
-    cache = init_cache(cfg, B, P + max_new_tokens)
+    cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
     logits, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
+
+    temperature = 0.0 if greedy else temperature  # static greedy: no branch inside the loop
 
     def propose(logits_BV, step_key):
         tok, _ = sample_tokens(forbid_mask_token(logits_BV, cfg), step_key, temperature, top_k, top_p)

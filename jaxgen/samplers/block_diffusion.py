@@ -83,7 +83,7 @@ def _generate(params, cfg, prompt, key, temperature, top_k, top_p, threshold, *,
     layout = layouts.block_causal(block_length)
     schedule = jnp.asarray(num_transfer_tokens(block_length, denoising_steps))
     x = jnp.full((B, total), cfg.mask_id, jnp.int32).at[:, :P].set(prompt)
-    cache = cache_lib.init_cache(cfg, B, total)
+    cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
     nfe = jnp.int32(0)
     if prefill_blocks:
         _, cache = cache_lib.prefill(params, cfg, cache, x[:, : prefill_blocks * block_length], layout)

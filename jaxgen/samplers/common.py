@@ -51,7 +51,8 @@ def filter_top_k_top_p(logits, top_k, top_p):
 
 def sample_tokens(logits, key, temperature, top_k=0, top_p=1.0):
     """(tokens, prob of each token): greedy at temperature 0, else categorical over the
-    temperature-scaled, top-k/top-p filtered distribution (SDAR/HF order: T, top-k, top-p)."""
+    temperature-scaled, top-k/top-p filtered distribution (SDAR/HF order: T, top-k, top-p).
+    A Python-number temperature picks the branch at trace time (no `lax.cond` in the loop)."""
 
     def greedy(_):
         tok = jnp.argmax(logits, axis=-1)
@@ -64,6 +65,8 @@ def sample_tokens(logits, key, temperature, top_k=0, top_p=1.0):
         prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), tok[..., None], axis=-1)[..., 0]
         return tok, prob
 
+    if isinstance(temperature, (int, float)):
+        return sample(None) if temperature > 0 else greedy(None)
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
