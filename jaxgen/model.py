@@ -157,7 +157,7 @@ def _from_cache(cache_BKSD, dtype):
 
 
 def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache | None = None, *,
-            cache_mode: str = "write", return_hidden: bool = False, kv_valid_BL=None):
+            cache_mode: str = "write", write_at=None, return_hidden: bool = False, kv_valid_BL=None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
     positions: RoPE positions [B, L] (default: 0..L-1, or cache.length + 0..L-1 with a cache).
@@ -165,14 +165,19 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
     cache, cache_mode: with a cache, "write" appends this chunk's K/V at slots
       [length, length + L) and attends over the cache; "read" attends over cache + chunk and
       leaves the cache unchanged (denoising steps). Without a cache, attention is over the chunk.
+    write_at: in "write" mode, the first slot to write (default cache.length). Writing inside the
+      filled range overwrites those slots in place (Fast-dLLM's dual cache); the filled length
+      becomes max(length, write_at + L) and queries attend over all of it.
     kv_valid_BL: optional key padding mask for the chunk's own keys.
     """
     layout = layouts_lib.causal() if layout is None else layout
     B, L = tokens_BL.shape
     if cache_mode not in ("write", "read"):
         raise JaxgenError(f"cache_mode={cache_mode!r}; use 'write' or 'read'")
+    if write_at is not None and (cache is None or cache_mode != "write"):
+        raise JaxgenError("write_at needs a cache and cache_mode='write'")
     if positions is None:
-        start = cache.length if cache is not None else 0
+        start = 0 if cache is None else cache.length if write_at is None else write_at
         positions = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
     positions = jnp.asarray(positions, jnp.int32)
     dual = layout.kind == "dual_stream"
@@ -212,7 +217,10 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
         slot_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         start = cache.length
         if cache_mode == "write":
-            filled = slot_idx < start + L
+            if write_at is not None:
+                start = jnp.asarray(write_at, jnp.int32)
+            new_length = jnp.maximum(cache.length, start + L)
+            filled = slot_idx < new_length
 
             def step(x, xs):
                 lp, k_cache, v_cache = xs
@@ -233,7 +241,7 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
                     k_new, v_new = jnp.stack(k_new), jnp.stack(v_new)
             else:
                 k_new, v_new = kv
-            new_cache = KVCache(k_new, v_new, start + L)
+            new_cache = KVCache(k_new, v_new, new_length)
         else:
             cached_valid = slot_idx < start
             own_valid = jnp.ones((B, L), bool) if kv_valid_BL is None else kv_valid_BL

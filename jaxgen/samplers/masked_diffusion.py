@@ -1,12 +1,32 @@
-"""Masked-diffusion decoding with LLaDA semantics (ML-GSAI/LLaDA `generate.py`).
+"""Masked-diffusion decoding: LLaDA and Fast-dLLM semantics on one jitted loop.
 
-Canvas x = [prompt | MASK * gen_length], split into semi-autoregressive blocks; each block gets
-a fixed `steps // num_blocks` forwards over the whole canvas with the full layout. Each step
-proposes x0 = argmax(logits + T * Gumbel), scores it (softmax confidence at x0 for
-`low_confidence`, U(0,1) for `random`), hides positions past the current block, and commits
-the k[step] best masked positions per row (k from `num_transfer_tokens`). With `cfg_scale > 0`
-an unconditional pass (prompt -> MASK) is batched with the conditional one and
-logits = un + (s + 1) (cond - un).
+Canvas x = [prompt | MASK * gen_length] in semi-autoregressive blocks, full (bidirectional)
+attention. Each step proposes x0 = argmax(logits + T * Gumbel), scores it (softmax confidence
+at x0 for `low_confidence`, U(0,1) for `random`) and commits masked positions of the current
+block only, by one of three rules:
+
+- schedule (default): the k[step] most confident, k from `num_transfer_tokens(block, steps per
+  block)` (ML-GSAI/LLaDA `generate.py`);
+- `threshold` (Fast-dLLM `get_transfer_index`): the most confident one plus every one with
+  confidence >= threshold;
+- `factor` (Fast-dLLM `get_transfer_index_dynamic`): with confidences sorted c_1 >= c_2 >= ...,
+  the first n that stay above 1 - factor / (n + 1) (the reference's quirk kept: when only the
+  last candidate fails, it is committed too).
+
+Caches (NVlabs/Fast-dLLM `llada/generate.py`), with the reference's stale-cache semantics:
+
+- `cache=None`: every step is a full forward. Schedule rule: a fixed `steps // num_blocks`
+  forwards per block (LLaDA, even after the block is clean); threshold/factor: until the block
+  is clean (Fast-dLLM `generate`).
+- `"prefix"`: at each block start a full forward writes every position's K/V and commits (step
+  0); later steps feed [current block + all later MASKs] against the prefix K/V of that forward
+  (stale within the block, refreshed at the next block start).
+- `"dual"`: the block-start forward's K/V is kept for the whole canvas; later steps feed only
+  the current block, overwrite its K/V in place and attend over stale prefix + suffix K/V.
+Cached modes loop until the block is clean. NFE counts forwards (CFG's batched pass counts 1).
+
+Static shapes: in prefix mode the fed window is always `gen_length` long (padding past the
+canvas is masked out of attention), so one compiled step serves every block.
 """
 from __future__ import annotations
 
@@ -16,28 +36,47 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
+from jaxgen.cache import init_cache, truncate
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    num_transfer_tokens, top_k_commit, with_mask_id)
+from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
+                                    forbid_mask_token, num_transfer_tokens, top_k_commit, with_mask_id)
 
 REMASKING = ("low_confidence", "random")
+CACHES = (None, "prefix", "dual")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 128, block_length: int = 32,
              temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
-             mask_id: int | None = None, eos_logit_inf: bool = False) -> SamplerOutput:
-    """LLaDA sampler. `eos_logit_inf` forbids EOS as a candidate (LLaDA's `logits_eos_inf`)."""
+             threshold: float | None = None, factor: float | None = None, cache: str | None = None,
+             mask_id: int | None = None, eos_logit_inf: bool = False,
+             confidence_eos_inf: bool = False) -> SamplerOutput:
+    """LLaDA / Fast-dLLM sampler (see the module docstring).
+
+    eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
+    confidence_eos_inf: a proposed EOS gets confidence 0, so it is committed only when nothing
+      else is left (LLaDA `confidence_eos_eot_inf`, which masks the logit after the argmax).
+    """
     cfg = with_mask_id(cfg, mask_id)
     prompt = jnp.asarray(prompt, jnp.int32)
     check_choice("remasking", remasking, REMASKING)
+    check_choice("cache", cache, CACHES)
     validate_blocks(gen_length, block_length, steps)
     check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
-    if eos_logit_inf and cfg.eos_id is None:
-        raise JaxgenError("eos_logit_inf=True needs cfg.eos_id")
-    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale),
+    check_threshold(threshold)
+    if threshold is not None and factor is not None:
+        raise JaxgenError(f"threshold={threshold} and factor={factor} are two commit rules; pass one of them")
+    if factor is not None and not float(factor) > 0:
+        raise JaxgenError(f"factor={factor} must be positive (Fast-dLLM uses about 1)")
+    if cache is not None and cfg_scale:
+        raise JaxgenError(f"cfg_scale={cfg_scale} needs cache=None (Fast-dLLM caches have no guidance pass)")
+    if (eos_logit_inf or confidence_eos_inf) and cfg.eos_id is None:
+        raise JaxgenError("eos_logit_inf / confidence_eos_inf need cfg.eos_id")
+    rule = "threshold" if threshold is not None else "factor" if factor is not None else "schedule"
+    level = jnp.float32(threshold if threshold is not None else factor if factor is not None else 0.0)
+    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
                      gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
-                     eos_logit_inf=eos_logit_inf)
+                     rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf)
 
 
 def validate_blocks(gen_length: int, block_length: int, steps: int):
@@ -74,34 +113,111 @@ def gumbel_argmax(logits, key, temperature):
     return jnp.argmax(jnp.where(temperature > 0, logits + temperature * gumbel, logits), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking",
-                                             "eos_logit_inf"))
-def _generate(params, cfg, prompt, key, temperature, cfg_scale, *, gen_length, steps, block_length, remasking,
-              eos_logit_inf):
+def threshold_commit(conf_BL, masked_BL, threshold):
+    """Fast-dLLM threshold rule: the most confident masked position, plus all with conf >= threshold."""
+    conf = jnp.where(masked_BL, conf_BL, NEG_INF)
+    best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), conf.shape[-1], dtype=bool)
+    return masked_BL & ((conf >= threshold) | best)
+
+
+def factor_commit(conf_BL, masked_BL, factor):
+    """Fast-dLLM factor rule: commit the n most confident, n = the first rank (from 1) whose
+    sorted confidence falls below 1 - factor / (rank + 1); rank 0 always passes, and when the
+    first failure is the last candidate the reference commits all of them."""
+    conf = jnp.where(masked_BL, conf_BL, NEG_INF)
+    m_B = jnp.sum(masked_BL, axis=-1)
+    sorted_desc = -jnp.sort(-conf, axis=-1)
+    rank = jnp.arange(conf.shape[-1])
+    floor = jnp.where(rank == 0, -1.0, 1.0 - factor / (rank + 2.0))
+    fails = (sorted_desc < floor) & (rank < m_B[:, None])
+    first_fail = jnp.min(jnp.where(fails, rank, conf.shape[-1]), axis=-1)
+    n_B = jnp.where(first_fail >= m_B - 1, m_B, first_fail)
+    return top_k_commit(conf, n_B)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
+                                             "cache", "eos_logit_inf", "confidence_eos_inf"))
+def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_length, steps, block_length,
+              remasking, rule, cache, eos_logit_inf, confidence_eos_inf):
     params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
+    total = P + gen_length
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     schedule = jnp.asarray(num_transfer_tokens(block_length, steps_per_block))
+    full = layouts.full()
     x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
-    pos = jnp.arange(P + gen_length)
 
-    def step(i, x):
-        block, s = i // steps_per_block, i % steps_per_block
-        logits = forbid_mask_token(guided_logits(params, cfg, x, P, cfg_scale), cfg)
+    def propose(logits_BLV, step_key):
+        logits = forbid_mask_token(logits_BLV, cfg)
         if eos_logit_inf:
             logits = logits.at[..., cfg.eos_id].set(NEG_INF)
-        k_tok, k_conf = jax.random.split(jax.random.fold_in(key, i))
+        k_tok, k_conf = jax.random.split(step_key)
         x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
-        if remasking == "low_confidence":
-            p = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
-        else:
-            p = jax.random.uniform(k_conf, x.shape)
-        block_end = P + (block + 1) * block_length
-        masked = x == cfg.mask_id
-        conf = jnp.where(masked & (pos < block_end)[None], p, NEG_INF)
-        commit = top_k_commit(conf, schedule[s])
-        return jnp.where(commit, x0, x)
+        if remasking == "random":
+            return x0, jax.random.uniform(k_conf, x0.shape)
+        if confidence_eos_inf:
+            logits = logits.at[..., cfg.eos_id].set(NEG_INF)
+        return x0, jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
 
-    x = jax.lax.fori_loop(0, steps, step, x)
-    return SamplerOutput(tokens=x, nfe=jnp.int32(steps))
+    def commit(block_BK, logits_BKV, step, nfe):
+        """Commit into the current block from its logits; `nfe` keys the step's randomness."""
+        x0, conf = propose(logits_BKV, jax.random.fold_in(key, nfe))
+        masked = block_BK == cfg.mask_id
+        if rule == "threshold":
+            take = threshold_commit(conf, masked, level)
+        elif rule == "factor":
+            take = factor_commit(conf, masked, level)
+        else:
+            take = top_k_commit(jnp.where(masked, conf, NEG_INF), schedule[jnp.minimum(step, steps_per_block - 1)])
+        return jnp.where(take, x0, block_BK)
+
+    block_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
+
+    def refresh(x, start):
+        """Step 0 of a block: a full forward (writing every K/V in cached modes)."""
+        if cache is None:
+            return guided_logits(params, cfg, x, P, cfg_scale), None
+        logits, kv = forward(params, cfg, x, layout=full, cache=init_cache(cfg, B, total, per_layer=True))
+        return logits, truncate(kv, start) if cache == "prefix" else kv
+
+    def cached_step(x, kv, start):
+        """(logits of the current block, cache) of one step after step 0."""
+        if cache is None:
+            return block_of(guided_logits(params, cfg, x, P, cfg_scale), start), kv
+        if cache == "prefix":
+            window = jnp.concatenate([x, jnp.full((B, gen_length - block_length), cfg.mask_id, jnp.int32)], axis=1)
+            chunk = jax.lax.dynamic_slice_in_dim(window, start, gen_length, axis=1)
+            pos = start + jnp.arange(gen_length, dtype=jnp.int32)
+            logits, _ = forward(params, cfg, chunk, positions=jnp.broadcast_to(pos, (B, gen_length)), layout=full,
+                                cache=kv, cache_mode="read", kv_valid_BL=jnp.broadcast_to(pos < total, (B, gen_length)))
+            return logits[:, :block_length], kv
+        logits, kv = forward(params, cfg, block_of(x, start), layout=full, cache=kv, write_at=start)
+        return logits, kv
+
+    def denoise_block(b, carry):
+        x, nfe = carry
+        start = P + b * block_length
+        logits, kv = refresh(x, start)
+        x = jax.lax.dynamic_update_slice_in_dim(x, commit(block_of(x, start), block_of(logits, start), 0, nfe),
+                                                start, axis=1)
+        nfe = nfe + 1
+        bound = steps_per_block if rule == "schedule" else block_length  # >= 1 commit per step
+
+        def cond(c):
+            step, x, _, _ = c
+            if cache is None and rule == "schedule":
+                return step < bound  # LLaDA: fixed steps per block
+            return (step < bound) & jnp.any(block_of(x, start) == cfg.mask_id)
+
+        def body(c):
+            step, x, kv, nfe = c
+            logits, kv = cached_step(x, kv, start)
+            new_block = commit(block_of(x, start), logits, step, nfe)
+            return step + 1, jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1), kv, nfe + 1
+
+        _, x, _, nfe = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe))
+        return x, nfe
+
+    x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
+    return SamplerOutput(tokens=x, nfe=nfe)
