@@ -89,6 +89,9 @@ def _bench(args):
     if args.what == "ar":
         from jaxgen.bench import ar
         ar.main(args)
+    else:
+        from jaxgen.bench import dlm
+        dlm.main(args)
 
 
 def _demo(args):
@@ -144,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_convert)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    b.add_argument("what", choices=("ar",))
+    b.add_argument("what", choices=("ar", "dlm"), help="ar: vs HF generate; dlm: LLaDA vs a PyTorch loop, "
+                   "and each Fast-dLLM mode vs no cache")
     b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--batches", default="1,8")
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--new-tokens", type=int, default=128, help="ar only")
+    b.add_argument("--batches", default="1,8", help="ar only")
+    b.add_argument("--gen-length", type=int, default=256, help="dlm only")
+    b.add_argument("--block-length", type=int, default=32, help="dlm only")
+    b.add_argument("--steps", type=int, default=0, help="dlm only (default: gen-length)")
+    b.add_argument("--batch", type=int, default=1, help="dlm only")
+    b.add_argument("--repeats", type=int, default=None, help="timed rounds (default: ar 5, dlm 3)")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(fn=_bench)
 

@@ -7,6 +7,8 @@ else about paradigms.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -130,15 +132,17 @@ def _fuse_layer(lp: dict) -> dict:
     return fused
 
 
-def _run_layers(body, carry, layers, per_layer=()):
+def _run_layers(body, carry, layers, per_layer=(), last_body=None):
     """Run `body(carry, xs) -> (carry, ys)` over the layers: `lax.scan` over stacked params, or a
     Python loop over a list of per-layer params (see `unstack_layers`). xs = layer params, or
     (layer params, *per_layer[i]); each of `per_layer` is stacked or a list to match. Returns
-    (carry, ys) with ys stacked (scan) or a list (loop)."""
+    (carry, ys) with ys stacked (scan) or a list (loop). In the loop, `last_body` (if given)
+    replaces `body` for the last layer."""
     if isinstance(layers, (list, tuple)):
         ys = []
         for i, lp in enumerate(layers):
-            carry, y = body(carry, (lp, *(a[i] for a in per_layer)) if per_layer else lp)
+            fn = last_body if last_body is not None and i == len(layers) - 1 else body
+            carry, y = fn(carry, (lp, *(a[i] for a in per_layer)) if per_layer else lp)
             ys.append(y)
         return carry, ys
     return jax.lax.scan(body, carry, (layers, *per_layer) if per_layer else layers)
@@ -157,7 +161,8 @@ def _from_cache(cache_BKSD, dtype):
 
 
 def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache | None = None, *,
-            cache_mode: str = "write", write_at=None, return_hidden: bool = False, kv_valid_BL=None):
+            cache_mode: str = "write", write_at=None, return_hidden: bool = False, kv_valid_BL=None,
+            out_rows: tuple | None = None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
     positions: RoPE positions [B, L] (default: 0..L-1, or cache.length + 0..L-1 with a cache).
@@ -169,6 +174,10 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
       filled range overwrites those slots in place (Fast-dLLM's dual cache); the filled length
       becomes max(length, write_at + L) and queries attend over all of it.
     kv_valid_BL: optional key padding mask for the chunk's own keys.
+    out_rows: (start, length) -> outputs for rows [start, start + length) only (length static).
+      Every row still serves as key/value; in the decode form (`unstack_layers`) the last layer's
+      queries, MLP and the head then run on those rows only (diffusion samplers need logits of
+      the current block alone). Stacked params compute every row and slice at the end.
     """
     layout = layouts_lib.causal() if layout is None else layout
     B, L = tokens_BL.shape
@@ -188,27 +197,34 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
     cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
 
     x = params["embed"].astype(dtype)[tokens_BL]
+    last_layer = lambda step: None if out_rows is None else functools.partial(step, rows_only=True)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-    def attend_no_cache(q, k, v):
-        return attention(q, k, v, layout, q_idx_BL=q_idx, kv_idx_BS=q_idx, kv_valid_BS=kv_valid_BL,
+    def attend_no_cache(q, k, v, q_rows):
+        return attention(q, k, v, layout, q_idx_BL=q_rows, kv_idx_BS=q_idx, kv_valid_BS=kv_valid_BL,
                          seq_len=L, impl=cfg.attention_impl)
 
-    def layer_body(x, lp, attend):
+    def select_rows(a):
+        return jax.lax.dynamic_slice_in_dim(a, out_rows[0], out_rows[1], axis=1)
+
+    def layer_body(x, lp, attend, rows_only=False):
         lp = cast(lp)
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = _qkv(lp, cfg, h, cos, sin)
-        attn, kv_out = attend(q, k, v)
+        q_rows = q_idx
+        if rows_only:  # last layer: queries (and the residual stream) of the output rows only
+            q, x, q_rows = select_rows(q), select_rows(x), select_rows(q_idx)
+        attn, kv_out = attend(q, k, v, q_rows)
         x = x + jnp.einsum("blhd,hde->ble", attn, lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         return x + _mlp(lp, h), kv_out
 
     if cache is None:
-        def step(x, lp):
-            out, _ = layer_body(x, lp, lambda q, k, v: (attend_no_cache(q, k, v), None))
+        def step(x, lp, rows_only=False):
+            out, _ = layer_body(x, lp, lambda *a: (attend_no_cache(*a), None), rows_only)
             return out, None
 
-        x, _ = _run_layers(_remat(step, cfg), x, params["layers"])
+        x, _ = _run_layers(_remat(step, cfg), x, params["layers"], last_body=last_layer(step))
         new_cache = None
     else:
         if cache.unstacked:
@@ -222,19 +238,19 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
             new_length = jnp.maximum(cache.length, start + L)
             filled = slot_idx < new_length
 
-            def step(x, xs):
+            def step(x, xs, rows_only=False):
                 lp, k_cache, v_cache = xs
 
-                def attend(q, k, v):
+                def attend(q, k, v, q_rows):
                     kc = jax.lax.dynamic_update_slice(k_cache, _to_cache(k, k_cache), (0, 0, start, 0))
                     vc = jax.lax.dynamic_update_slice(v_cache, _to_cache(v, v_cache), (0, 0, start, 0))
-                    out = attention(q, _from_cache(kc, dtype), _from_cache(vc, dtype), layout, q_idx_BL=q_idx,
+                    out = attention(q, _from_cache(kc, dtype), _from_cache(vc, dtype), layout, q_idx_BL=q_rows,
                                     kv_idx_BS=slot_idx, kv_valid_BS=filled, impl=cfg.attention_impl)
                     return out, (kc, vc)
 
-                return layer_body(x, lp, attend)
+                return layer_body(x, lp, attend, rows_only)
 
-            x, kv = _run_layers(step, x, params["layers"], (cache.k, cache.v))
+            x, kv = _run_layers(step, x, params["layers"], (cache.k, cache.v), last_body=last_layer(step))
             if isinstance(kv, list):  # per-layer params: per-layer outputs
                 k_new, v_new = [k for k, _ in kv], [v for _, v in kv]
                 if not cache.unstacked:
@@ -248,21 +264,23 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
             kv_idx = jnp.concatenate([slot_idx, positions], axis=1)
             kv_valid = jnp.concatenate([cached_valid, own_valid], axis=1)
 
-            def step(x, xs):
+            def step(x, xs, rows_only=False):
                 lp, k_cached, v_cached = xs
 
-                def attend(q, k, v):
+                def attend(q, k, v, q_rows):
                     keys = jnp.concatenate([_from_cache(k_cached, dtype), k], axis=1)
                     values = jnp.concatenate([_from_cache(v_cached, dtype), v], axis=1)
-                    out = attention(q, keys, values, layout, q_idx_BL=q_idx, kv_idx_BS=kv_idx,
+                    out = attention(q, keys, values, layout, q_idx_BL=q_rows, kv_idx_BS=kv_idx,
                                     kv_valid_BS=kv_valid, impl=cfg.attention_impl)
                     return out, None
 
-                return layer_body(x, lp, attend)
+                return layer_body(x, lp, attend, rows_only)
 
-            x, _ = _run_layers(step, x, params["layers"], (cache.k, cache.v))
+            x, _ = _run_layers(step, x, params["layers"], (cache.k, cache.v), last_body=last_layer(step))
             new_cache = cache
 
+    if out_rows is not None and not isinstance(params["layers"], (list, tuple)):
+        x = select_rows(x)  # stacked layers ran every row
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.norm_eps)
     if return_hidden:
         return x, new_cache

@@ -109,3 +109,17 @@ def test_bad_config_and_tokens(tiny_cfg):
         model.check_tokens(np.array([[1, 300]]), tiny_cfg)
     with pytest.raises(JaxgenError, match="max_len"):
         cache_lib.init_cache(tiny_cfg, 1, 10_000)
+
+
+@pytest.mark.parametrize("with_cache", [False, True], ids=["no_cache", "read_cache"])
+def test_out_rows_equal_a_slice_of_all_rows(with_cache, tiny_cfg, tiny_params):
+    tokens = jax.random.randint(jax.random.key(6), (2, 12), 0, 256)
+    layout = layouts.full()
+    kw = {}
+    if with_cache:
+        _, c = cache_lib.prefill(tiny_params, tiny_cfg, cache_lib.init_cache(tiny_cfg, 2, 4), tokens[:, :4], layout)
+        tokens, kw = tokens[:, 4:], dict(cache=c, cache_mode="read", positions=jnp.broadcast_to(jnp.arange(4, 12), (2, 8)))
+    every, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layout, **kw)
+    rows = jax.jit(lambda p, t, s: model.forward(p, tiny_cfg, t, layout=layout, out_rows=(s, 3), **kw)[0])
+    for params in (tiny_params, model.unstack_layers(tiny_params)):
+        np.testing.assert_allclose(rows(params, tokens, 2), every[:, 2:5], rtol=2e-5, atol=5e-5)

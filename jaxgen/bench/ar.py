@@ -115,7 +115,7 @@ def report(results: dict) -> str:
 
 def main(args) -> None:
     results = run(prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                  batches=tuple(int(b) for b in args.batches.split(",")), repeats=args.repeats)
+                  batches=tuple(int(b) for b in args.batches.split(",")), repeats=args.repeats or 5)
     print(report(results))
     if args.json:
         with open(args.json, "w") as f:

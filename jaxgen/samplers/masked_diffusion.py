@@ -76,7 +76,8 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     level = jnp.float32(threshold if threshold is not None else factor if factor is not None else 0.0)
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
                      gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
-                     rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf)
+                     rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
+                     guided=cfg_scale > 0)
 
 
 def validate_blocks(gen_length: int, block_length: int, steps: int):
@@ -92,18 +93,15 @@ def validate_blocks(gen_length: int, block_length: int, steps: int):
                           f"gen_length/block_length); use e.g. steps={num_blocks * max(1, steps // num_blocks)}")
 
 
-def guided_logits(params, cfg, x_BL, prompt_len: int, cfg_scale):
-    """Full-layout logits; with cfg_scale > 0, classifier-free guidance against prompt -> MASK."""
-    def plain(_):
-        return forward(params, cfg, x_BL, layout=layouts.full())[0]
-
-    def guided(_):
-        uncond = x_BL.at[:, :prompt_len].set(cfg.mask_id)
-        both, _ = forward(params, cfg, jnp.concatenate([x_BL, uncond]), layout=layouts.full())
-        cond_l, uncond_l = jnp.split(both, 2)
-        return uncond_l + (cfg_scale + 1.0) * (cond_l - uncond_l)
-
-    return jax.lax.cond(cfg_scale > 0, guided, plain, None)
+def guided_logits(params, cfg, x_BL, prompt_len: int, cfg_scale, out_rows=None):
+    """Full-layout logits (of `out_rows` only, see `model.forward`); with a guidance scale,
+    classifier-free guidance against prompt -> MASK. cfg_scale=None skips guidance at trace time."""
+    if cfg_scale is None:
+        return forward(params, cfg, x_BL, layout=layouts.full(), out_rows=out_rows)[0]
+    uncond = x_BL.at[:, :prompt_len].set(cfg.mask_id)
+    both, _ = forward(params, cfg, jnp.concatenate([x_BL, uncond]), layout=layouts.full(), out_rows=out_rows)
+    cond_l, uncond_l = jnp.split(both, 2)
+    return uncond_l + (cfg_scale + 1.0) * (cond_l - uncond_l)
 
 
 def gumbel_argmax(logits, key, temperature):
@@ -136,10 +134,11 @@ def factor_commit(conf_BL, masked_BL, factor):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
-                                             "cache", "eos_logit_inf", "confidence_eos_inf"))
+                                             "cache", "eos_logit_inf", "confidence_eos_inf", "guided"))
 def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_length, steps, block_length,
-              remasking, rule, cache, eos_logit_inf, confidence_eos_inf):
+              remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided):
     params = unstack_layers(params)  # once per call, not per step
+    cfg_scale = cfg_scale if guided else None
     B, P = prompt.shape
     total = P + gen_length
     num_blocks = gen_length // block_length
@@ -175,23 +174,26 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
     block_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
 
     def refresh(x, start):
-        """Step 0 of a block: a full forward (writing every K/V in cached modes)."""
+        """Step 0 of a block: a full forward (writing every K/V in cached modes); block logits."""
+        rows = (start, block_length)
         if cache is None:
-            return guided_logits(params, cfg, x, P, cfg_scale), None
-        logits, kv = forward(params, cfg, x, layout=full, cache=init_cache(cfg, B, total, per_layer=True))
+            return guided_logits(params, cfg, x, P, cfg_scale, rows), None
+        logits, kv = forward(params, cfg, x, layout=full, cache=init_cache(cfg, B, total, per_layer=True),
+                             out_rows=rows)
         return logits, truncate(kv, start) if cache == "prefix" else kv
 
     def cached_step(x, kv, start):
         """(logits of the current block, cache) of one step after step 0."""
         if cache is None:
-            return block_of(guided_logits(params, cfg, x, P, cfg_scale), start), kv
+            return guided_logits(params, cfg, x, P, cfg_scale, (start, block_length)), kv
         if cache == "prefix":
             window = jnp.concatenate([x, jnp.full((B, gen_length - block_length), cfg.mask_id, jnp.int32)], axis=1)
             chunk = jax.lax.dynamic_slice_in_dim(window, start, gen_length, axis=1)
             pos = start + jnp.arange(gen_length, dtype=jnp.int32)
             logits, _ = forward(params, cfg, chunk, positions=jnp.broadcast_to(pos, (B, gen_length)), layout=full,
-                                cache=kv, cache_mode="read", kv_valid_BL=jnp.broadcast_to(pos < total, (B, gen_length)))
-            return logits[:, :block_length], kv
+                                cache=kv, cache_mode="read", kv_valid_BL=jnp.broadcast_to(pos < total, (B, gen_length)),
+                                out_rows=(0, block_length))
+            return logits, kv
         logits, kv = forward(params, cfg, block_of(x, start), layout=full, cache=kv, write_at=start)
         return logits, kv
 
@@ -199,8 +201,7 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
         x, nfe = carry
         start = P + b * block_length
         logits, kv = refresh(x, start)
-        x = jax.lax.dynamic_update_slice_in_dim(x, commit(block_of(x, start), block_of(logits, start), 0, nfe),
-                                                start, axis=1)
+        x = jax.lax.dynamic_update_slice_in_dim(x, commit(block_of(x, start), logits, 0, nfe), start, axis=1)
         nfe = nfe + 1
         bound = steps_per_block if rule == "schedule" else block_length  # >= 1 commit per step
 
