@@ -162,7 +162,7 @@ def _from_cache(cache_BKSD, dtype):
 
 def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache | None = None, *,
             cache_mode: str = "write", write_at=None, return_hidden: bool = False, kv_valid_BL=None,
-            out_rows: tuple | None = None):
+            out_rows: tuple | None = None, keep_cached_BL=None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
     positions: RoPE positions [B, L] (default: 0..L-1, or cache.length + 0..L-1 with a cache).
@@ -173,7 +173,9 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
     write_at: in "write" mode, the first slot to write (default cache.length). Writing inside the
       filled range overwrites those slots in place (Fast-dLLM's dual cache); the filled length
       becomes max(length, write_at + L) and queries attend over all of it.
-    kv_valid_BL: optional key padding mask for the chunk's own keys.
+    kv_valid_BL: optional key padding mask for the chunk's own keys (both cache modes).
+    keep_cached_BL: in "write" mode, chunk positions whose K/V already in the cache are used and
+      kept instead of this pass's fresh K/V (dKV-Cache's delayed caching).
     out_rows: (start, length) -> outputs for rows [start, start + length) only (length static).
       Every row still serves as key/value; in the decode form (`unstack_layers`) the last layer's
       queries, MLP and the head then run on those rows only (diffusion samplers need logits of
@@ -183,8 +185,8 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
     B, L = tokens_BL.shape
     if cache_mode not in ("write", "read"):
         raise JaxgenError(f"cache_mode={cache_mode!r}; use 'write' or 'read'")
-    if write_at is not None and (cache is None or cache_mode != "write"):
-        raise JaxgenError("write_at needs a cache and cache_mode='write'")
+    if (write_at is not None or keep_cached_BL is not None) and (cache is None or cache_mode != "write"):
+        raise JaxgenError("write_at and keep_cached_BL need a cache and cache_mode='write'")
     if positions is None:
         start = 0 if cache is None else cache.length if write_at is None else write_at
         positions = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -237,13 +239,24 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
                 start = jnp.asarray(write_at, jnp.int32)
             new_length = jnp.maximum(cache.length, start + L)
             filled = slot_idx < new_length
+            if kv_valid_BL is not None:  # padding inside the chunk is no key
+                in_chunk = (slot_idx >= start) & (slot_idx < start + L)
+                chunk_valid = jax.lax.dynamic_update_slice_in_dim(jnp.ones((B, S), bool), kv_valid_BL, start, axis=1)
+                filled = filled & (~in_chunk | chunk_valid)
+
+            def merge(fresh_BLKD, cache_BKSD):
+                new = _to_cache(fresh_BLKD, cache_BKSD)
+                if keep_cached_BL is None:
+                    return new
+                old = jax.lax.dynamic_slice_in_dim(cache_BKSD, start, L, axis=2)
+                return jnp.where(keep_cached_BL[:, None, :, None], old, new)
 
             def step(x, xs, rows_only=False):
                 lp, k_cache, v_cache = xs
 
                 def attend(q, k, v, q_rows):
-                    kc = jax.lax.dynamic_update_slice(k_cache, _to_cache(k, k_cache), (0, 0, start, 0))
-                    vc = jax.lax.dynamic_update_slice(v_cache, _to_cache(v, v_cache), (0, 0, start, 0))
+                    kc = jax.lax.dynamic_update_slice(k_cache, merge(k, k_cache), (0, 0, start, 0))
+                    vc = jax.lax.dynamic_update_slice(v_cache, merge(v, v_cache), (0, 0, start, 0))
                     out = attention(q, _from_cache(kc, dtype), _from_cache(vc, dtype), layout, q_idx_BL=q_rows,
                                     kv_idx_BS=slot_idx, kv_valid_BS=filled, impl=cfg.attention_impl)
                     return out, (kc, vc)

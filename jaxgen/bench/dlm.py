@@ -3,7 +3,8 @@
 1. jaxgen's LLaDA sampler against a plain PyTorch loop with LLaDA's semantics (ML-GSAI/LLaDA
    `generate.py`: fixed steps per block, low-confidence remasking, greedy) on the equivalent
    `transformers` Llama run with full attention; greedy tokens are checked identical.
-2. Each Fast-dLLM mode (threshold, prefix cache, dual cache, threshold + dual cache) against
+2. Each Fast-dLLM mode (threshold, prefix cache, dual cache, threshold + dual cache) and
+   dKV-Cache-Decode against
    jaxgen's own no-cache LLaDA run: tokens/s, NFE, tokens per NFE, and agreement of the tokens
    with the no-cache run (the caches are approximate by design).
 
@@ -28,6 +29,7 @@ MODES = {  # name -> extra sampler arguments (the baseline is LLaDA with steps =
     "threshold 0.9": dict(threshold=0.9),
     "prefix cache": dict(cache="prefix"),
     "dual cache": dict(cache="dual"),
+    "dKV decode (reload 4)": dict(cache="dkv_decode", cache_reloading_step=4),
     "threshold 0.9 + dual cache": dict(threshold=0.9, cache="dual"),
 }
 

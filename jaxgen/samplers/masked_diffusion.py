@@ -23,10 +23,17 @@ Caches (NVlabs/Fast-dLLM `llada/generate.py`), with the reference's stale-cache 
   (stale within the block, refreshed at the next block start).
 - `"dual"`: the block-start forward's K/V is kept for the whole canvas; later steps feed only
   the current block, overwrite its K/V in place and attend over stale prefix + suffix K/V.
-Cached modes loop until the block is clean. NFE counts forwards (CFG's batched pass counts 1).
+- `"dkv_decode"` (horseee/dKV-Cache `llada_dkv_cache_decode.py`): LLaDA's fixed steps; steps 0
+  and 1 and every `cache_reloading_step`-th step are full forwards that store every K/V; other
+  steps reuse the stored K/V of the tokens unmasked before the previous step (a token's K/V
+  enters the cache one step after it is decoded; MASKs are never reused) and recompute the rest.
+Prefix and dual caches loop until the block is clean. NFE counts forwards (CFG's batched pass
+counts 1).
 
 Static shapes: in prefix mode the fed window is always `gen_length` long (padding past the
-canvas is masked out of attention), so one compiled step serves every block.
+canvas is masked out of attention); dKV's reduced steps feed the whole generated region with
+earlier blocks taking their stored K/V. One compiled step serves every block; the extra rows
+cost compute, never exactness.
 """
 from __future__ import annotations
 
@@ -43,19 +50,20 @@ from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_
                                     forbid_mask_token, num_transfer_tokens, top_k_commit, with_mask_id)
 
 REMASKING = ("low_confidence", "random")
-CACHES = (None, "prefix", "dual")
+CACHES = (None, "prefix", "dual", "dkv_decode")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 128, block_length: int = 32,
              temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
              threshold: float | None = None, factor: float | None = None, cache: str | None = None,
-             mask_id: int | None = None, eos_logit_inf: bool = False,
-             confidence_eos_inf: bool = False) -> SamplerOutput:
+             mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
+             cache_reloading_step: int = 4) -> SamplerOutput:
     """LLaDA / Fast-dLLM sampler (see the module docstring).
 
     eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
     confidence_eos_inf: a proposed EOS gets confidence 0, so it is committed only when nothing
       else is left (LLaDA `confidence_eos_eot_inf`, which masks the logit after the argmax).
+    cache_reloading_step: dKV-Cache's full refresh period (`cache="dkv_decode"`; 1 = no caching).
     """
     cfg = with_mask_id(cfg, mask_id)
     prompt = jnp.asarray(prompt, jnp.int32)
@@ -70,6 +78,8 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
         raise JaxgenError(f"factor={factor} must be positive (Fast-dLLM uses about 1)")
     if cache is not None and cfg_scale:
         raise JaxgenError(f"cfg_scale={cfg_scale} needs cache=None (Fast-dLLM caches have no guidance pass)")
+    if int(cache_reloading_step) < 1:
+        raise JaxgenError(f"cache_reloading_step={cache_reloading_step} must be >= 1 (dKV-Cache uses 4 to 8)")
     if (eos_logit_inf or confidence_eos_inf) and cfg.eos_id is None:
         raise JaxgenError("eos_logit_inf / confidence_eos_inf need cfg.eos_id")
     rule = "threshold" if threshold is not None else "factor" if factor is not None else "schedule"
@@ -77,7 +87,7 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
                      gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
                      rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
-                     guided=cfg_scale > 0)
+                     guided=cfg_scale > 0, reload_every=int(cache_reloading_step))
 
 
 def validate_blocks(gen_length: int, block_length: int, steps: int):
@@ -134,9 +144,10 @@ def factor_commit(conf_BL, masked_BL, factor):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
-                                             "cache", "eos_logit_inf", "confidence_eos_inf", "guided"))
+                                             "cache", "eos_logit_inf", "confidence_eos_inf", "guided",
+                                             "reload_every"))
 def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_length, steps, block_length,
-              remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided):
+              remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every):
     params = unstack_layers(params)  # once per call, not per step
     cfg_scale = cfg_scale if guided else None
     B, P = prompt.shape
@@ -182,8 +193,9 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
                              out_rows=rows)
         return logits, truncate(kv, start) if cache == "prefix" else kv
 
-    def cached_step(x, kv, start):
-        """(logits of the current block, cache) of one step after step 0."""
+    def cached_step(x, kv, start, step, prv):
+        """(logits of the current block, cache) of one step after step 0; `prv` = positions
+        unmasked before the previous step (dKV)."""
         if cache is None:
             return guided_logits(params, cfg, x, P, cfg_scale, (start, block_length)), kv
         if cache == "prefix":
@@ -194,8 +206,17 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
                                 cache=kv, cache_mode="read", kv_valid_BL=jnp.broadcast_to(pos < total, (B, gen_length)),
                                 out_rows=(0, block_length))
             return logits, kv
-        logits, kv = forward(params, cfg, block_of(x, start), layout=full, cache=kv, write_at=start)
-        return logits, kv
+        if cache == "dual":
+            return forward(params, cfg, block_of(x, start), layout=full, cache=kv, write_at=start)
+
+        def reload(_):  # every K/V fresh and stored
+            return forward(params, cfg, x, layout=full, cache=kv, write_at=0, out_rows=(start, block_length))
+
+        def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V
+            return forward(params, cfg, x[:, P:], layout=full, cache=kv, write_at=P, keep_cached_BL=prv[:, P:],
+                           out_rows=(start - P, block_length))
+
+        return jax.lax.cond((step == 1) | (step % reload_every == 0), reload, delayed, None)
 
     def denoise_block(b, carry):
         x, nfe = carry
@@ -206,18 +227,19 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
         bound = steps_per_block if rule == "schedule" else block_length  # >= 1 commit per step
 
         def cond(c):
-            step, x, _, _ = c
-            if cache is None and rule == "schedule":
-                return step < bound  # LLaDA: fixed steps per block
+            step, x = c[:2]
+            if cache in (None, "dkv_decode") and rule == "schedule":
+                return step < bound  # LLaDA (and dKV-Cache): fixed steps per block
             return (step < bound) & jnp.any(block_of(x, start) == cfg.mask_id)
 
         def body(c):
-            step, x, kv, nfe = c
-            logits, kv = cached_step(x, kv, start)
+            step, x, kv, nfe, prv = c
+            logits, kv = cached_step(x, kv, start, step, prv)
             new_block = commit(block_of(x, start), logits, step, nfe)
-            return step + 1, jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1), kv, nfe + 1
+            unmasked = x != cfg.mask_id
+            return step + 1, jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1), kv, nfe + 1, unmasked
 
-        _, x, _, nfe = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe))
+        _, x, _, nfe, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe, x != cfg.mask_id))
         return x, nfe
 
     x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
