@@ -57,14 +57,24 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
              temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
              threshold: float | None = None, factor: float | None = None, cache: str | None = None,
              mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
-             cache_reloading_step: int = 4) -> SamplerOutput:
+             cache_reloading_step: int = 4, alg: str | None = None, alg_temp: float | None = None,
+             top_p: float | None = None, top_k: int | None = None) -> SamplerOutput:
     """LLaDA / Fast-dLLM sampler (see the module docstring).
 
     eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
     confidence_eos_inf: a proposed EOS gets confidence 0, so it is committed only when nothing
       else is left (LLaDA `confidence_eos_eot_inf`, which masks the logit after the argmax).
     cache_reloading_step: dKV-Cache's full refresh period (`cache="dkv_decode"`; 1 = no caching).
+    alg, alg_temp, top_p, top_k: Dream decoding (`jaxgen.samplers.dream`): one block, shifted
+      logits, Dream's time grid; `steps` forwards.
     """
+    if alg is not None:
+        from jaxgen.samplers import dream
+        if block_length != gen_length or cache is not None or threshold is not None or factor is not None or cfg_scale:
+            raise JaxgenError(f"alg={alg!r} selects Dream decoding: one block (block_length=gen_length), no cache, "
+                              "threshold, factor or cfg_scale")
+        return dream.generate(params, cfg, prompt, key, gen_length=gen_length, steps=steps, alg=alg,
+                              alg_temp=alg_temp, temperature=temperature, top_p=top_p, top_k=top_k, mask_id=mask_id)
     cfg = with_mask_id(cfg, mask_id)
     prompt = jnp.asarray(prompt, jnp.int32)
     check_choice("remasking", remasking, REMASKING)

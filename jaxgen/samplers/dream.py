@@ -1,0 +1,135 @@
+"""Dream decoding (Dream-org `generation_utils.py::_sample`, also shipped in Fast-dLLM `dream/`).
+
+Canvas [prompt | MASK * gen_length], `steps` full forwards with the full layout, logits shifted
+right by one (position i reads the output at i - 1; Dream is initialised from an AR model), on
+the time grid t = linspace(1, eps, steps + 1):
+
+- `alg="origin"`: each masked position is revealed with probability 1 - s/t (all at the last
+  step), its token sampled from the filtered distribution;
+- `"maskgit_plus"` / `"topk_margin"` / `"entropy"`: score every masked position (max prob,
+  top-1 minus top-2 prob, or sum p log p) and reveal n = int(#masked * (1 - s/t)) of them (all at
+  the last step): the top n, or with `alg_temp > 0` n drawn without replacement from
+  softmax(score / alg_temp).
+
+Token proposal follows Dream's order: temperature, then top-p, then top-k (the reverse of the
+HF/SDAR order in `common.filter_top_k_top_p`), removed entries at the float minimum; greedy
+takes the argmax and its probability under the filtered distribution. As everywhere in jaxgen,
+the mask token is never a candidate. Every row holds the same number of masks at each step, so
+the reveal counts are static and computed at trace time exactly as the reference does (float32).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import layouts
+from jaxgen.errors import JaxgenError
+from jaxgen.model import forward, unstack_layers
+from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
+                                    top_k_commit, with_mask_id)
+
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 128, alg: str = "origin",
+             alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
+             top_k: int | None = None, eps: float = 1e-3, mask_id: int | None = None) -> SamplerOutput:
+    """Dream sampler (see the module docstring); NFE = steps."""
+    cfg = with_mask_id(cfg, mask_id)
+    prompt = jnp.asarray(prompt, jnp.int32)
+    check_choice("alg", alg, ALGS)
+    if gen_length <= 0 or steps <= 0:
+        raise JaxgenError(f"gen_length={gen_length} and steps={steps} must be positive")
+    if not 0.0 < eps < 1.0:
+        raise JaxgenError(f"eps={eps} must lie in (0, 1) (Dream uses 1e-3)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise JaxgenError(f"top_p={top_p} must lie in (0, 1]")
+    if top_k is not None and top_k <= 0:
+        raise JaxgenError(f"top_k={top_k} must be positive (or None for no top-k filter)")
+    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
+    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(alg_temp or 0.0),
+                     gen_length=gen_length, steps=steps, alg=alg, sample_positions=bool(alg_temp),
+                     top_p=top_p, top_k=top_k, eps=float(eps))
+
+
+def time_grid(steps: int, eps: float) -> np.ndarray:
+    """Dream's t = linspace(1, eps, steps + 1) in float32."""
+    return np.linspace(1.0, eps, steps + 1).astype(np.float32)
+
+
+def reveal_counts(num_masked: int, steps: int, eps: float) -> np.ndarray:
+    """Tokens revealed per step by the confidence algorithms: int(#masked * (1 - s/t)), all the
+    rest at the last step (float32 arithmetic, as the reference)."""
+    ts = time_grid(steps, eps)
+    counts, left = [], num_masked
+    for i in range(steps):
+        n = left if i == steps - 1 else int(np.float32(left) * (np.float32(1) - ts[i + 1] / ts[i]))
+        counts.append(n)
+        left -= n
+    return np.asarray(counts, np.int32)
+
+
+def dream_filter(logits, top_p, top_k):
+    """Top-p then top-k (Dream's order); removed entries get the float32 minimum."""
+    floor = jnp.finfo(jnp.float32).min
+    if top_p is not None and top_p < 1:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+        # keep the sorted entry j iff the mass strictly before it is <= top_p
+        keep_sorted = jnp.concatenate([jnp.ones_like(cum[..., :1], bool), cum[..., :-1] <= top_p], axis=-1)
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, floor, logits)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, floor, logits)
+    return logits
+
+
+def score_tokens(logits, key, temperature, top_p, top_k, alg):
+    """(token, confidence) per position: Dream's `sample_tokens` with the alg's confidence."""
+    logits = jnp.where(temperature > 0, logits / jnp.where(temperature > 0, temperature, 1.0), logits)
+    probs = jax.nn.softmax(dream_filter(logits, top_p, top_k), axis=-1)
+    sampled = jax.random.categorical(key, jnp.log(probs), axis=-1)
+    tok = jnp.where(temperature > 0, sampled, jnp.argmax(probs, axis=-1))
+    conf = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
+    if alg == "topk_margin":
+        top2 = jax.lax.top_k(probs, 2)[0]
+        conf = top2[..., 0] - top2[..., 1]
+    elif alg == "entropy":
+        conf = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+    return tok.astype(jnp.int32), conf
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "alg", "sample_positions", "top_p",
+                                             "top_k", "eps"))
+def _generate(params, cfg, prompt, key, temperature, alg_temp, *, gen_length, steps, alg, sample_positions, top_p,
+              top_k, eps):
+    params = unstack_layers(params)
+    B, P = prompt.shape
+    ts = jnp.asarray(time_grid(steps, eps))
+    counts = jnp.asarray(reveal_counts(gen_length, steps, eps))
+    x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
+
+    def step(i, x):
+        logits, _ = forward(params, cfg, x, layout=layouts.full())
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)  # right shift
+        logits = forbid_mask_token(logits, cfg)
+        k_tok, k_pos = jax.random.split(jax.random.fold_in(key, i))
+        tok, conf = score_tokens(logits, k_tok, temperature, top_p, top_k, alg)
+        masked = x == cfg.mask_id
+        if alg == "origin":
+            p_reveal = jnp.where(i < steps - 1, 1.0 - ts[i + 1] / ts[i], 1.0)
+            take = masked & (jax.random.uniform(k_pos, x.shape) < p_reveal)
+        else:
+            score = jnp.where(masked, conf, NEG_INF)
+            if sample_positions:  # multinomial without replacement = Gumbel top-k on log-softmax
+                score = jnp.where(masked, jax.nn.log_softmax(score / alg_temp, axis=-1)
+                                  + jax.random.gumbel(k_pos, score.shape), NEG_INF)
+            take = top_k_commit(score, counts[i])
+        return jnp.where(take, tok, x)
+
+    x = jax.lax.fori_loop(0, steps, step, x)
+    return SamplerOutput(tokens=x, nfe=jnp.int32(steps))
