@@ -2,7 +2,9 @@
 
 Slot s holds the token at position s (layout coordinates = positions), so a cached key is
 masked by the same layout rule as a fresh one. `length` is the number of filled slots, shared
-by the batch: writes append at `length`. Keys are stored after RoPE.
+by the batch: writes append at `length` unless `model.forward(write_at=)` overwrites a filled
+range in place. Keys are stored after RoPE, laid out [B, K, S, D] per layer so attention reads
+them without a transpose copy.
 """
 from __future__ import annotations
 
