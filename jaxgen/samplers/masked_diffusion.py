@@ -27,6 +27,12 @@ Caches (NVlabs/Fast-dLLM `llada/generate.py`), with the reference's stale-cache 
   and 1 and every `cache_reloading_step`-th step are full forwards that store every K/V; other
   steps reuse the stored K/V of the tokens unmasked before the previous step (a token's K/V
   enters the cache one step after it is decoded; MASKs are never reused) and recompute the rest.
+- `"dkv_greedy"` (horseee/dKV-Cache `llada_dkv_cache_greedy.py`, `remasking="random"` only): the
+  decode order is drawn once per block, so each step knows the next step's positions. Steps with
+  `step % cache_reloading_step == 0` are full forwards storing every K/V; other steps recompute
+  only the tokens decoded last step, the tokens scheduled for this step and up to `window_size`
+  still-masked neighbours of each scheduled token (visited s-1, s+1, s-2, s+2, ...); everything
+  else, MASKs included, attends with its stale stored K/V, and recomputed K/V are stored.
 Prefix and dual caches loop until the block is clean. NFE counts forwards (CFG's batched pass
 counts 1).
 
@@ -50,21 +56,24 @@ from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_
                                     forbid_mask_token, num_transfer_tokens, top_k_commit, with_mask_id)
 
 REMASKING = ("low_confidence", "random")
-CACHES = (None, "prefix", "dual", "dkv_decode")
+CACHES = (None, "prefix", "dual", "dkv_decode", "dkv_greedy")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 128, block_length: int = 32,
              temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
              threshold: float | None = None, factor: float | None = None, cache: str | None = None,
              mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
-             cache_reloading_step: int = 4, alg: str | None = None, alg_temp: float | None = None,
+             cache_reloading_step: int = 4, window_size: int = 4, alg: str | None = None, alg_temp: float | None = None,
              top_p: float | None = None, top_k: int | None = None) -> SamplerOutput:
     """LLaDA / Fast-dLLM sampler (see the module docstring).
 
     eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
     confidence_eos_inf: a proposed EOS gets confidence 0, so it is committed only when nothing
       else is left (LLaDA `confidence_eos_eot_inf`, which masks the logit after the argmax).
-    cache_reloading_step: dKV-Cache's full refresh period (`cache="dkv_decode"`; 1 = no caching).
+    cache_reloading_step: dKV-Cache's full refresh period (`cache="dkv_decode"|"dkv_greedy"`; 1 = no
+      caching).
+    window_size: dKV-Cache-Greedy's recomputed neighbours per scheduled token (the reference's
+      README example uses 4; 0 = none).
     alg, alg_temp, top_p, top_k: Dream decoding (`jaxgen.samplers.dream`): one block, shifted
       logits, Dream's time grid; `steps` forwards.
     """
@@ -90,6 +99,14 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
         raise JaxgenError(f"cfg_scale={cfg_scale} needs cache=None (Fast-dLLM caches have no guidance pass)")
     if int(cache_reloading_step) < 1:
         raise JaxgenError(f"cache_reloading_step={cache_reloading_step} must be >= 1 (dKV-Cache uses 4 to 8)")
+    if cache == "dkv_greedy":
+        if remasking != "random":
+            raise JaxgenError(f"cache='dkv_greedy' needs remasking='random' (its decode order is drawn once per "
+                              f"block), got remasking={remasking!r}")
+        if threshold is not None or factor is not None:
+            raise JaxgenError("cache='dkv_greedy' follows the fixed step schedule; drop threshold/factor")
+    if int(window_size) < 0:
+        raise JaxgenError(f"window_size={window_size} must be >= 0")
     if (eos_logit_inf or confidence_eos_inf) and cfg.eos_id is None:
         raise JaxgenError("eos_logit_inf / confidence_eos_inf need cfg.eos_id")
     rule = "threshold" if threshold is not None else "factor" if factor is not None else "schedule"
@@ -97,7 +114,8 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
                      gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
                      rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
-                     guided=cfg_scale > 0, reload_every=int(cache_reloading_step))
+                     guided=cfg_scale > 0, reload_every=int(cache_reloading_step),
+                     window_size=int(window_size))
 
 
 def validate_blocks(gen_length: int, block_length: int, steps: int):
@@ -155,9 +173,9 @@ def factor_commit(conf_BL, masked_BL, factor):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
                                              "cache", "eos_logit_inf", "confidence_eos_inf", "guided",
-                                             "reload_every"))
+                                             "reload_every", "window_size"))
 def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_length, steps, block_length,
-              remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every):
+              remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every, window_size):
     params = unstack_layers(params)  # once per call, not per step
     cfg_scale = cfg_scale if guided else None
     B, P = prompt.shape
@@ -165,24 +183,27 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     schedule = jnp.asarray(num_transfer_tokens(block_length, steps_per_block))
+    max_k = int(num_transfer_tokens(block_length, steps_per_block).max())
     full = layouts.full()
     x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
 
-    def propose(logits_BLV, step_key):
+    def propose(logits_BLV, step_key, order_BK):
         logits = forbid_mask_token(logits_BLV, cfg)
         if eos_logit_inf:
             logits = logits.at[..., cfg.eos_id].set(NEG_INF)
         k_tok, k_conf = jax.random.split(step_key)
         x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
+        if order_BK is not None:  # dKV-Cache-Greedy: one random order per block
+            return x0, order_BK
         if remasking == "random":
             return x0, jax.random.uniform(k_conf, x0.shape)
         if confidence_eos_inf:
             logits = logits.at[..., cfg.eos_id].set(NEG_INF)
         return x0, jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
 
-    def commit(block_BK, logits_BKV, step, nfe):
-        """Commit into the current block from its logits; `nfe` keys the step's randomness."""
-        x0, conf = propose(logits_BKV, jax.random.fold_in(key, nfe))
+    def commit(block_BK, logits_BKV, step, nfe, order_BK=None):
+        """(new block, committed positions) from the block's logits; `nfe` keys the step's randomness."""
+        x0, conf = propose(logits_BKV, jax.random.fold_in(key, nfe), order_BK)
         masked = block_BK == cfg.mask_id
         if rule == "threshold":
             take = threshold_commit(conf, masked, level)
@@ -190,7 +211,7 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
             take = factor_commit(conf, masked, level)
         else:
             take = top_k_commit(jnp.where(masked, conf, NEG_INF), schedule[jnp.minimum(step, steps_per_block - 1)])
-        return jnp.where(take, x0, block_BK)
+        return jnp.where(take, x0, block_BK), take
 
     block_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
 
@@ -204,8 +225,9 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
         return logits, truncate(kv, start) if cache == "prefix" else kv
 
     def cached_step(x, kv, start, step, prv):
-        """(logits of the current block, cache) of one step after step 0; `prv` = positions
-        unmasked before the previous step (dKV)."""
+        """(logits of the current block, cache) of one step after step 0; `prv` = positions whose
+        stored K/V this step keeps (dKV decode: unmasked before the previous step; dKV greedy: not
+        scheduled for recomputation)."""
         if cache is None:
             return guided_logits(params, cfg, x, P, cfg_scale, (start, block_length)), kv
         if cache == "prefix":
@@ -226,31 +248,87 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
             return forward(params, cfg, x[:, P:], layout=full, cache=kv, write_at=P, keep_cached_BL=prv[:, P:],
                            out_rows=(start - P, block_length))
 
-        return jax.lax.cond((step == 1) | (step % reload_every == 0), reload, delayed, None)
+        is_reload = step % reload_every == 0
+        if cache == "dkv_decode":
+            is_reload = is_reload | (step == 1)
+        return jax.lax.cond(is_reload, reload, delayed, None)
+
+    def kept_after(x_before, x_after, take_BK, order_BK, start, step):
+        """Positions whose stored K/V the next step keeps (dKV modes)."""
+        if cache != "dkv_greedy":
+            return x_before != cfg.mask_id
+        next_k = schedule[jnp.minimum(step + 1, steps_per_block - 1)] * (step + 1 < steps_per_block)
+        recompute = greedy_recompute(x_before == cfg.mask_id, take_BK, block_of(x_after, start) == cfg.mask_id,
+                                     order_BK, next_k, start, max_k, window_size)
+        return ~recompute
 
     def denoise_block(b, carry):
         x, nfe = carry
         start = P + b * block_length
+        order = greedy_order_scores(key, b, B, block_length) if cache == "dkv_greedy" else None
         logits, kv = refresh(x, start)
-        x = jax.lax.dynamic_update_slice_in_dim(x, commit(block_of(x, start), logits, 0, nfe), start, axis=1)
+        new_block, take = commit(block_of(x, start), logits, 0, nfe, order)
+        x_new = jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1)
+        kept = kept_after(x, x_new, take, order, start, 0)
+        x = x_new
         nfe = nfe + 1
         bound = steps_per_block if rule == "schedule" else block_length  # >= 1 commit per step
 
         def cond(c):
             step, x = c[:2]
-            if cache in (None, "dkv_decode") and rule == "schedule":
+            if cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule":
                 return step < bound  # LLaDA (and dKV-Cache): fixed steps per block
             return (step < bound) & jnp.any(block_of(x, start) == cfg.mask_id)
 
         def body(c):
-            step, x, kv, nfe, prv = c
-            logits, kv = cached_step(x, kv, start, step, prv)
-            new_block = commit(block_of(x, start), logits, step, nfe)
-            unmasked = x != cfg.mask_id
-            return step + 1, jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1), kv, nfe + 1, unmasked
+            step, x, kv, nfe, kept = c
+            logits, kv = cached_step(x, kv, start, step, kept)
+            new_block, take = commit(block_of(x, start), logits, step, nfe, order)
+            x_new = jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1)
+            return step + 1, x_new, kv, nfe + 1, kept_after(x, x_new, take, order, start, step)
 
-        _, x, _, nfe, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe, x != cfg.mask_id))
+        _, x, _, nfe, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe, kept))
         return x, nfe
 
     x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
     return SamplerOutput(tokens=x, nfe=nfe)
+
+
+def greedy_order_scores(key, block, batch: int, block_length: int):
+    """dKV-Cache-Greedy's decode order for one block: U(0,1) scores, decoded highest first."""
+    block_key = jax.random.fold_in(jax.random.fold_in(key, 0x0D1CE), block)
+    return jax.random.uniform(block_key, (batch, block_length))
+
+
+def window_tokens(marked_T, masked_T, select_K, n_select, window_size: int):
+    """dKV-Cache `find_window_tokens` for one row: for each of the first `n_select` entries s of
+    `select_K` in turn, mark the first `window_size` positions, visited s-1, s+1, s-2, s+2, ...,
+    that are masked (`masked_T`) and not yet marked."""
+    T = marked_T.shape[0]
+    j = jnp.arange(2 * T)
+    offset_J = jnp.where(j % 2 == 0, -(j // 2 + 1), j // 2 + 1)
+
+    def one(marked_T, t):
+        p_J = select_K[t] + offset_J
+        inside = (p_J >= 0) & (p_J < T)
+        p_J = jnp.clip(p_J, 0, T - 1)
+        eligible = inside & masked_T[p_J] & ~marked_T[p_J]
+        take = eligible & (jnp.cumsum(eligible) <= window_size) & (t < n_select)
+        return marked_T | (jnp.zeros(T, jnp.int32).at[p_J].add(take) > 0), None
+
+    marked_T, _ = jax.lax.scan(one, marked_T, jnp.arange(select_K.shape[0]))
+    return marked_T
+
+
+def greedy_recompute(masked_BT, take_BK, still_masked_BK, order_BK, next_k, start, max_k: int, window_size: int):
+    """Positions dKV-Cache-Greedy recomputes next step: the ones committed now (`take_BK`), the
+    next `next_k` in the block's order and their windows over the step-start masks `masked_BT`."""
+    B, T = masked_BT.shape
+    K = take_BK.shape[1]
+    nxt_BK = top_k_commit(jnp.where(still_masked_BK, order_BK, NEG_INF), next_k)
+    in_canvas = lambda m_BK: jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, T), bool), m_BK, start, axis=1)
+    marked = in_canvas(take_BK | nxt_BK)
+    if window_size == 0:
+        return marked
+    select_BK = start + jnp.argsort(-jnp.where(nxt_BK, order_BK, NEG_INF), axis=-1)[:, :min(max_k, K)]
+    return jax.vmap(window_tokens, in_axes=(0, 0, 0, None, None))(marked, masked_BT, select_BK, next_k, window_size)
