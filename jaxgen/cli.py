@@ -100,13 +100,18 @@ def _demo(args):
              overrides=args.overrides, progress=not args.no_progress)
 
 
+def config_objectives():
+    from jaxgen.config import OBJECTIVES
+    return OBJECTIVES
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxgen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a model; key=value overrides any config field")
     t.add_argument("--preset", default="tiny")
-    t.add_argument("--objective", choices=("ar", "masked_diffusion", "block_diffusion"))
+    t.add_argument("--objective", choices=config_objectives())
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--mesh", help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")

@@ -63,7 +63,7 @@ class ModelConfig:
 class TrainConfig:
     """One training run: objective, data, optimizer, schedule, checkpoints, mesh."""
 
-    objective: str = "ar"  # ar | masked_diffusion | block_diffusion
+    objective: str = "ar"  # one of OBJECTIVES
     dataset: str = "python_stdlib"  # python_stdlib | text_files | any tfds name
     data_files: tuple[str, ...] = ()  # for dataset=text_files
     data_dir: str = ""  # tfds data_dir; "" = ~/.cache/jaxgen/tfds
@@ -89,7 +89,8 @@ class TrainConfig:
     mesh: str = ""  # e.g. "data=2,fsdp=2,tensor=2"; "" = all devices on data
     rules: str = "fsdp"  # dp | fsdp | tp | fsdp+tp
     # objective knobs
-    block_size: int = 4  # block diffusion
+    block_size: int = 4  # block diffusion; TiDAR draft block
+    tidar_alpha: float = 1.0  # TiDAR: weight of the AR loss against the diffusion loss
     antithetic: bool = True
     sampling_eps: float = 1e-3
     meap_ratio: float = 0.0  # AR + MEAP: fraction of inputs replaced by MASK
@@ -104,13 +105,13 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.objective == "block_diffusion" and self.seq_len % self.block_size:
+        if self.objective in ("block_diffusion", "tidar") and self.seq_len % self.block_size:
             raise ConfigError(f"seq_len={self.seq_len} is not a multiple of block_size={self.block_size}")
         if not 0.0 <= self.meap_ratio < 1.0:
             raise ConfigError(f"meap_ratio={self.meap_ratio} must be in [0, 1)")
 
 
-OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion")
+OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar")
 
 
 def _model(**kw) -> ModelConfig:

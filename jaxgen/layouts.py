@@ -4,9 +4,9 @@ A layout is a small frozen (hashable, jit-static) object. `mask(q_idx, kv_idx, s
 the dense boolean mask for the XLA reference path; `block_map(...)` gives the block-level map
 (0 = skip, 1 = partial, 2 = full) that block-sparse kernels iterate over.
 
-Indices are *layout coordinates*: for every layout but `dual_stream` they are the token
-positions (a dense cache stores position p in slot p, so cached keys use the same coordinates);
-for `dual_stream` they index the 2n-long [x_t | x_0] sequence.
+Indices are *layout coordinates*: for single-stream layouts they are the token positions (a
+dense cache stores position p in slot p, so cached keys use the same coordinates); for the
+two-stream training layouts (`dual_stream`, `ar_diffusion`) they index the 2n-long sequence.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 
 from jaxgen.errors import ConfigError
 
-KINDS = ("causal", "full", "block_causal", "dual_stream", "prefix")
+KINDS = ("causal", "full", "block_causal", "dual_stream", "prefix", "ar_diffusion")
+TWO_STREAM = ("dual_stream", "ar_diffusion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Layout:
         if self.prefix_len < 0:
             raise ConfigError(f"prefix length {self.prefix_len} must be >= 0")
 
+    @property
+    def two_stream(self) -> bool:
+        """Coordinates index a 2n-long [stream | stream] training sequence, not positions."""
+        return self.kind in TWO_STREAM
+
     def mask(self, q_idx, kv_idx, seq_len: int | None = None):
         """Boolean [..., Lq, Lk]: True where query q_idx may attend to key kv_idx."""
         q = jnp.asarray(q_idx)[..., :, None]
@@ -49,10 +55,17 @@ class Layout:
             in_prefix_q = q < self.prefix_len
             visible_from_suffix = (k <= q) if self.causal_suffix else jnp.ones_like(k <= q)
             return jnp.where(in_prefix_q, k < self.prefix_len, visible_from_suffix | (k < self.prefix_len))
-        # dual_stream: [x_t | x_0], each of length n, sharing positions 0..n-1.
         if seq_len is None or seq_len % 2:
-            raise ConfigError(f"dual_stream needs an even total length (x_t | x_0), got {seq_len}")
+            raise ConfigError(f"{self.kind} needs an even total length (two streams), got {seq_len}")
         n = seq_len // 2
+        if self.kind == "ar_diffusion":  # [x | MASK]: causal clean stream, mask blocks see the clean past
+            q_mask, k_mask = q >= n, k >= n
+            qb, kb = (q % n) // self.block, (k % n) // self.block
+            clean_causal = ~q_mask & ~k_mask & (k <= q)
+            mask_sees_clean_past = q_mask & ~k_mask & (kb < qb)
+            mask_same_block = q_mask & k_mask & (kb == qb)
+            return clean_causal | mask_sees_clean_past | mask_same_block
+        # dual_stream: [x_t | x_0], each of length n, sharing positions 0..n-1.
         q_clean, k_clean = q >= n, k >= n
         qb, kb = (q % n) // self.block, (k % n) // self.block
         same_block_same_stream = (qb == kb) & (q_clean == k_clean)
@@ -93,3 +106,10 @@ def prefix(prefix_len: int, causal_suffix: bool = False) -> Layout:
     """Prefix-LM: the prefix attends only to itself (its K/V never change, LaViDa); the suffix
     attends to the prefix and to itself (bidirectionally, or causally with `causal_suffix`)."""
     return Layout("prefix", prefix_len=prefix_len, causal_suffix=causal_suffix)
+
+
+def ar_diffusion(block: int) -> Layout:
+    """TiDAR joint training over [x | MASK] (shared positions): the clean stream is causal (AR
+    loss); each MASK block attends bidirectionally within itself and to the clean tokens before
+    the block (diffusion drafting of the next block)."""
+    return Layout("ar_diffusion", block=block)

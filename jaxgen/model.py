@@ -162,7 +162,7 @@ def _from_cache(cache_BKSD, dtype):
 
 def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache | None = None, *,
             cache_mode: str = "write", write_at=None, return_hidden: bool = False, kv_valid_BL=None,
-            out_rows: tuple | None = None, keep_cached_BL=None):
+            out_rows: tuple | None = None, keep_cached_BL=None, chunk_mask_BLL=None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
     positions: RoPE positions [B, L] (default: 0..L-1, or cache.length + 0..L-1 with a cache).
@@ -180,6 +180,9 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
       Every row still serves as key/value; in the decode form (`unstack_layers`) the last layer's
       queries, MLP and the head then run on those rows only (diffusion samplers need logits of
       the current block alone). Stacked params compute every row and slice at the end.
+    chunk_mask_BLL: who in this chunk may attend to whom in this chunk (query row, key row),
+      replacing the layout between chunk tokens (tree drafting, reordered decoding); cached keys
+      still follow the layout.
     """
     layout = layouts_lib.causal() if layout is None else layout
     B, L = tokens_BL.shape
@@ -191,9 +194,9 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
         start = 0 if cache is None else cache.length if write_at is None else write_at
         positions = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
     positions = jnp.asarray(positions, jnp.int32)
-    dual = layout.kind == "dual_stream"
+    dual = layout.two_stream
     if dual and cache is not None:
-        raise JaxgenError("the dual_stream layout is a training layout and takes no KV cache")
+        raise JaxgenError(f"the {layout.kind} layout is a training layout and takes no KV cache")
     q_idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) if dual else positions
     dtype = jnp.dtype(cfg.dtype)
     cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
@@ -202,12 +205,23 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
     last_layer = lambda step: None if out_rows is None else functools.partial(step, rows_only=True)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
-    def attend_no_cache(q, k, v, q_rows):
-        return attention(q, k, v, layout, q_idx_BL=q_rows, kv_idx_BS=q_idx, kv_valid_BS=kv_valid_BL,
-                         seq_len=L, impl=cfg.attention_impl)
-
     def select_rows(a):
         return jax.lax.dynamic_slice_in_dim(a, out_rows[0], out_rows[1], axis=1)
+
+    def chunk_mask_rows(q_rows):
+        """The chunk mask for these query rows (all rows, or the `out_rows` of the last layer)."""
+        if chunk_mask_BLL is None:
+            return None
+        return chunk_mask_BLL if q_rows.shape[1] == L else select_rows(chunk_mask_BLL)
+
+    def with_chunk_mask(base_BQS, q_rows, at):
+        """`base` with key columns [at, at + L) replaced by the chunk mask."""
+        rows = chunk_mask_rows(q_rows)
+        return None if rows is None else jax.lax.dynamic_update_slice(base_BQS, rows, (0, 0, at))
+
+    def attend_no_cache(q, k, v, q_rows):
+        return attention(q, k, v, layout, q_idx_BL=q_rows, kv_idx_BS=q_idx, kv_valid_BS=kv_valid_BL,
+                         seq_len=L, impl=cfg.attention_impl, mask_BLS=chunk_mask_rows(q_rows))
 
     def layer_body(x, lp, attend, rows_only=False):
         lp = cast(lp)
@@ -257,8 +271,10 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
                 def attend(q, k, v, q_rows):
                     kc = jax.lax.dynamic_update_slice(k_cache, merge(k, k_cache), (0, 0, start, 0))
                     vc = jax.lax.dynamic_update_slice(v_cache, merge(v, v_cache), (0, 0, start, 0))
+                    dense = None if chunk_mask_BLL is None else with_chunk_mask(
+                        layout.mask(q_rows, slot_idx), q_rows, start)
                     out = attention(q, _from_cache(kc, dtype), _from_cache(vc, dtype), layout, q_idx_BL=q_rows,
-                                    kv_idx_BS=slot_idx, kv_valid_BS=filled, impl=cfg.attention_impl)
+                                    kv_idx_BS=slot_idx, kv_valid_BS=filled, impl=cfg.attention_impl, mask_BLS=dense)
                     return out, (kc, vc)
 
                 return layer_body(x, lp, attend, rows_only)
@@ -283,8 +299,10 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache 
                 def attend(q, k, v, q_rows):
                     keys = jnp.concatenate([_from_cache(k_cached, dtype), k], axis=1)
                     values = jnp.concatenate([_from_cache(v_cached, dtype), v], axis=1)
+                    dense = None if chunk_mask_BLL is None else with_chunk_mask(
+                        layout.mask(q_rows, kv_idx), q_rows, S)
                     out = attention(q, keys, values, layout, q_idx_BL=q_rows, kv_idx_BS=kv_idx,
-                                    kv_valid_BS=kv_valid, impl=cfg.attention_impl)
+                                    kv_valid_BS=kv_valid, impl=cfg.attention_impl, mask_BLS=dense)
                     return out, None
 
                 return layer_body(x, lp, attend, rows_only)

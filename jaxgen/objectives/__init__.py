@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from jaxgen.objectives import ar, block_diffusion, masked_diffusion  # noqa: F401
+from jaxgen.objectives import ar, block_diffusion, masked_diffusion, tidar  # noqa: F401
 
 
 def for_train_config(tcfg):
@@ -16,5 +16,7 @@ def for_train_config(tcfg):
         return functools.partial(ar.loss, meap_ratio=tcfg.meap_ratio)
     if tcfg.objective == "masked_diffusion":
         return functools.partial(masked_diffusion.loss, eps=tcfg.sampling_eps, antithetic=tcfg.antithetic)
+    if tcfg.objective == "tidar":
+        return functools.partial(tidar.loss, block_size=tcfg.block_size, alpha=tcfg.tidar_alpha)
     return functools.partial(block_diffusion.loss, block_size=tcfg.block_size, eps=tcfg.sampling_eps,
                              antithetic=tcfg.antithetic)
