@@ -3,7 +3,7 @@
 It shares nothing with `jaxgen.model` but the params pytree, and exposes what cache-based
 references need: each layer's post-RoPE K/V of the fed tokens, and attention over K/V handed in
 from an earlier forward (prepended, or overwriting a range in place). Full attention only: the
-diffusion references that use it are bidirectional.
+diffusion references that use it are bidirectional; `mask_BLS` adds per-query masks (WeDLM).
 """
 import numpy as np
 
@@ -21,12 +21,13 @@ def _rope(x_BLHD, pos_BL, theta):
     return x_BLHD * np.cos(ang) + rot * np.sin(ang)
 
 
-def forward(params, cfg, tokens_BL, positions_BL, past=None, replace_at=None, key_valid_BS=None):
+def forward(params, cfg, tokens_BL, positions_BL, past=None, replace_at=None, key_valid_BS=None, mask_BLS=None):
     """(logits [B, L, V] with the mask token at -inf, [(k, v) per layer of the fed tokens]).
 
     past: per-layer (k [B, S, K, D], v) from an earlier forward. replace_at=None prepends them to
     the fed tokens' K/V; replace_at=s overwrites slots [s, s + L) of them instead.
     key_valid_BS: which of the attended keys are visible (default all).
+    mask_BLS: per-query visibility of the attended keys (e.g. causal rows), on top of that.
     """
     p = {k: np.asarray(v, np.float64) for k, v in params.items() if k != "layers"}
     layers = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
@@ -53,6 +54,8 @@ def forward(params, cfg, tokens_BL, positions_BL, past=None, replace_at=None, ke
         scores = np.einsum("blhd,bshd->bhls", q, keys) / np.sqrt(D)
         if key_valid_BS is not None:
             scores = np.where(key_valid_BS[:, None, None, :], scores, -np.inf)
+        if mask_BLS is not None:
+            scores = np.where(mask_BLS[:, None, :, :], scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         x = x + np.einsum("bhls,bshd,hde->ble", probs, values, lp["wo"])

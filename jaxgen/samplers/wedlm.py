@@ -1,0 +1,135 @@
+"""WeDLM streaming decoding: diffusion-style parallel filling under a plain causal layout, with
+an exact AR KV cache (tencent/WeDLM engine `wedlm_decoder.py` + `sampler.py`, read from the
+fork naoro/WeDLM; shared/specs/diffusion_lm.md §5.1).
+
+Topological reordering: the window is fed in *physical* order [decoded tokens | MASKs] (each
+group in logical order) while RoPE keeps the *logical* positions, and attention is causal over
+the physical order after the cache. Every MASK so sees all decoded tokens, and the leading
+decoded tokens see only the cache and each other, so their K/V are exactly the AR K/V.
+
+Per row, `c` tokens are committed (cached). Each step:
+1. `lead` = the number of leading decoded tokens of the window [c, c + window_size); the fed
+   window is [c, c + window_size + lead) (MASKs refilled at its end);
+2. one forward over the reordered window, writing K/V at slots c.. in physical order;
+3. prune: the `lead` leading tokens are committed (their K/V in slots c..c+lead are exact);
+4. fill: over the remaining MASKs, adjusted entropy H(p) + (i - i_first_mask) * pos_penalty;
+   every MASK with adjusted entropy < entropy_threshold, else the single argmin, takes its
+   sampled token (top-k -> top-p -> temperature, WeDLM's order; greedy at temperature 0).
+MASK rows predict their own positions (no shift). The prompt is prefilled causally; the window
+starts as `window_size` MASKs after it.
+
+Decisions: entropy and tokens come from the mask-forbidden distribution (the mask token is never
+a candidate). The loop stops once [P, P + gen_length) holds no MASK: the reference runs one more
+forward whose only effect is to prune (commit) those last tokens, so our NFE is the
+reference's minus one. Rows progress independently (`jax.vmap`); `nfe` is the slowest row's.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import layouts
+from jaxgen.cache import init_cache, truncate
+from jaxgen.errors import JaxgenError
+from jaxgen.model import forward, unstack_layers
+from jaxgen.samplers.common import (SamplerOutput, check_prompt, filter_top_k_top_p, forbid_mask_token,
+                                    with_mask_id)
+
+
+def generate(params, cfg, prompt, key, *, gen_length: int = 128, window_size: int = 16,
+             entropy_threshold: float | None = 0.4, pos_penalty: float = 0.02, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, mask_id: int | None = None) -> SamplerOutput:
+    """WeDLM streaming sliding-window decoding (see the module docstring); defaults follow the
+    WeDLM engine (`wedlm_window_size=16`, entropy threshold 0.4, penalty 0.02). entropy_threshold
+    None fills one position per step (the argmin)."""
+    cfg = with_mask_id(cfg, mask_id)
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if gen_length <= 0 or window_size <= 0:
+        raise JaxgenError(f"gen_length={gen_length} and window_size={window_size} must be positive")
+    if entropy_threshold is not None and not float(entropy_threshold) > 0:
+        raise JaxgenError(f"entropy_threshold={entropy_threshold} must be > 0 (or None: one token per step)")
+    if float(pos_penalty) < 0 or float(temperature) < 0:
+        raise JaxgenError(f"pos_penalty={pos_penalty} and temperature={temperature} must be >= 0")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise JaxgenError(f"top_p={top_p} must lie in (0, 1]")
+    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
+    thr = -jnp.inf if entropy_threshold is None else jnp.float32(entropy_threshold)
+    return _generate(params, cfg, prompt, key, thr, jnp.float32(pos_penalty), jnp.float32(temperature),
+                     jnp.int32(top_k), jnp.float32(top_p), gen_length=gen_length, window=window_size,
+                     greedy=float(temperature) == 0)
+
+
+def physical_order(tokens_W, valid_W, mask_id):
+    """Permutation putting decoded tokens first, then MASKs, then padding, each in logical order."""
+    group = jnp.where(~valid_W, 2, jnp.where(tokens_W == mask_id, 1, 0))
+    return jnp.argsort(group, stable=True)
+
+
+def select_fill(entropy_W, is_mask_W, threshold, pos_penalty):
+    """WeDLM's position rule over the window's MASKs (see the module docstring)."""
+    idx = jnp.arange(entropy_W.shape[0])
+    first = jnp.argmax(is_mask_W)
+    adjusted = jnp.where(is_mask_W, entropy_W + (idx - first) * pos_penalty, jnp.inf)
+    below = is_mask_W & (adjusted < threshold)
+    best = jax.nn.one_hot(jnp.argmin(adjusted), entropy_W.shape[0], dtype=bool) & is_mask_W
+    return jnp.where(jnp.any(below), below, best)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "window", "greedy"))
+def _generate(params, cfg, prompt, key, threshold, pos_penalty, temperature, top_k, top_p, *, gen_length, window,
+              greedy):
+    params = unstack_layers(params)
+    B = prompt.shape[0]
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
+    run = lambda p, k: _decode_row(params, cfg, p, k, threshold, pos_penalty, temperature, top_k, top_p,
+                                   gen_length, window, greedy)
+    tokens, nfe = jax.vmap(run)(prompt, row_keys)
+    return SamplerOutput(tokens=tokens, nfe=jnp.max(nfe))
+
+
+def _decode_row(params, cfg, prompt_P, key, threshold, pos_penalty, temperature, top_k, top_p, gen_length, W,
+                greedy):
+    P = prompt_P.shape[0]
+    total = P + gen_length
+    F = 2 * W  # the fed window: window_size + at most window_size leading decoded tokens
+    cache = init_cache(cfg, 1, total + F, per_layer=True)
+    _, cache = forward(params, cfg, prompt_P[None], layout=layouts.causal(), cache=cache)
+    canvas = jnp.full((total + F,), cfg.mask_id, jnp.int32).at[:P].set(prompt_P)
+    causal_F = jnp.tril(jnp.ones((F, F), bool))
+    rows = jnp.arange(F)
+
+    def cond(c):
+        _, canvas, _, _ = c
+        return jnp.any(canvas[P:total] == cfg.mask_id)
+
+    def body(c):
+        done, canvas, cache, nfe = c
+        head = jax.lax.dynamic_slice_in_dim(canvas, done, W)
+        lead = jnp.sum(jnp.cumprod((head != cfg.mask_id).astype(jnp.int32)))
+        fed = jax.lax.dynamic_slice_in_dim(canvas, done, F)
+        valid = rows < W + lead
+        perm = physical_order(fed, valid, cfg.mask_id)
+        valid_phys = valid[perm]
+        logits, cache = forward(params, cfg, fed[perm][None], positions=(done + perm)[None], layout=layouts.full(),
+                                cache=cache, write_at=done, kv_valid_BL=valid_phys[None],
+                                chunk_mask_BLL=(causal_F & valid_phys[None, :])[None])
+        cache = truncate(cache, done + lead)  # the leading decoded tokens are committed with exact K/V
+        logits_W = jnp.zeros((F, logits.shape[-1]), logits.dtype).at[perm].set(logits[0])  # logical order
+        logits_W = forbid_mask_token(logits_W, cfg)
+        logp = jax.nn.log_softmax(logits_W, axis=-1)
+        entropy = -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
+        if greedy:
+            tok = jnp.argmax(logits_W, axis=-1)
+        else:
+            filtered = filter_top_k_top_p(logits_W, top_k, top_p)
+            tok = jax.random.categorical(jax.random.fold_in(key, nfe), filtered / temperature, axis=-1)
+        is_mask = (fed == cfg.mask_id) & valid
+        fill = select_fill(entropy, is_mask, threshold, pos_penalty)
+        canvas = jax.lax.dynamic_update_slice_in_dim(canvas, jnp.where(fill, tok.astype(jnp.int32), fed), done, axis=0)
+        return done + lead, canvas, cache, nfe + 1
+
+    _, canvas, _, nfe = jax.lax.while_loop(cond, body, (jnp.int32(P), canvas, cache, jnp.int32(1)))
+    return canvas[:total], nfe
