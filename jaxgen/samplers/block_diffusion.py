@@ -8,7 +8,15 @@ times, committing per step (k = `num_transfer_tokens(block_length, denoising_ste
 - `low_confidence_static`: the k[step] most confident masked positions;
 - `low_confidence_dynamic`: every masked position with confidence > threshold if there are at
   least k[step] of them, else the top k[step];
-- `sequential`: the k[step] leftmost masked positions.
+- `sequential`: the k[step] leftmost masked positions;
+- `first_hitting` (BD3-LM `_ddpm_caching_update`, `first_hitting=True`): exactly one uniformly
+  chosen masked position per step (so `block_length` steps per block, whatever
+  `denoising_steps` says), its token sampled from the (top-p filtered) prediction; BD3-LM's
+  nucleus sampler is `temperature=1.0, top_p=p`. The model has no time input, so the
+  first-hitting time itself only orders the steps;
+- `ddpm` (BD3-LM without first hitting): with t = 1 - step/steps and s = t - 1/steps, every
+  masked position is unmasked independently with probability (t - s)/t; the last step unmasks
+  all that remain.
 
 Once clean, the block's K/V is written once (exact cache). Deviation from the reference, on
 purpose: commits only ever touch masked positions, so prompt tokens inside a block are never
@@ -30,7 +38,7 @@ from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_
                                     forbid_mask_token, num_transfer_tokens, rank_within_rows, sample_tokens,
                                     top_k_commit, with_mask_id)
 
-REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
+REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "first_hitting", "ddpm")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: int = 4,
@@ -47,7 +55,7 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: i
                           f"denoising_steps={denoising_steps} must be positive")
     if block_length > gen_length:
         raise JaxgenError(f"block_length={block_length} exceeds gen_length={gen_length}")
-    if denoising_steps > block_length:
+    if denoising_steps > block_length and remasking != "first_hitting":
         raise JaxgenError(f"denoising_steps={denoising_steps} > block_length={block_length} would leave steps "
                           "that commit nothing; use denoising_steps <= block_length")
     P = prompt.shape[1]
@@ -59,8 +67,12 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: i
     return out.replace(tokens=out.tokens[:, : P + gen_length])
 
 
-def commit_rule(remasking, conf_BL, masked_BL, k, threshold):
+def commit_rule(remasking, conf_BL, masked_BL, k, threshold, key=None, step=None, steps=None):
     """Which masked positions to commit this step (see module docstring)."""
+    if remasking == "first_hitting":
+        return top_k_commit(jnp.where(masked_BL, jax.random.uniform(key, masked_BL.shape), NEG_INF), 1)
+    if remasking == "ddpm":
+        return masked_BL & (jax.random.uniform(key, masked_BL.shape) * (steps - step) < 1.0)
     if remasking == "sequential":
         order = rank_within_rows(jnp.where(masked_BL, -jnp.arange(masked_BL.shape[1]), NEG_INF))
         return masked_BL & (order < k)
@@ -95,18 +107,22 @@ def _generate(params, cfg, prompt, key, temperature, top_k, top_p, threshold, *,
         positions = jnp.broadcast_to(start + jnp.arange(block_length, dtype=jnp.int32), (B, block_length))
         cur = jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
 
+        bound = block_length if remasking == "first_hitting" else denoising_steps
+
         def has_masks(c):
             step, cur, _ = c
-            return (step < denoising_steps) & jnp.any(cur == cfg.mask_id)
+            return (step < bound) & jnp.any(cur == cfg.mask_id)
 
         def step_fn(c):
             step, cur, nfe = c
             logits = cache_lib.read_only(params, cfg, cache, cur, positions, layout)
             logits = forbid_mask_token(logits, cfg)
             step_key = jax.random.fold_in(jax.random.fold_in(key, block), step)
+            k_pos = jax.random.fold_in(step_key, 1)  # commit positions (first_hitting, ddpm)
             tok, conf = sample_tokens(logits, step_key, temperature, top_k, top_p)
             masked = cur == cfg.mask_id
-            commit = commit_rule(remasking, conf, masked, schedule[step], threshold)
+            commit = commit_rule(remasking, conf, masked, schedule[jnp.minimum(step, denoising_steps - 1)], threshold,
+                                 k_pos, step, denoising_steps)
             return step + 1, jnp.where(commit, tok.astype(jnp.int32), cur), nfe + 1
 
         _, cur, nfe = jax.lax.while_loop(has_masks, step_fn, (jnp.int32(0), cur, nfe))

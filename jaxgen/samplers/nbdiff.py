@@ -1,0 +1,137 @@
+"""NBDiff decoding (YuchuanTian/NBDiff `generation_utils.py::diffusion_generate`; a Fast-dLLM-v2
+style loop for models adapted from AR; shared/specs/diffusion_lm.md §4.3).
+
+- Prefill the prompt causally; the first generated token is sampled AR-style from the last
+  prompt logit.
+- Blocks of `block_length` start right after the prompt. Each block [AR token, MASK, ...] is
+  denoised against the read-only cache with bidirectional attention inside the block; logits are
+  shifted right (position i reads the output at i - 1). The block is split into
+  `num_small_blocks` sub-blocks, denoised left to right; each step commits the best masked
+  position of the sub-block (max prob for `origin` / `confidence_threshold`, negative entropy
+  for `entropy`, top-1 minus top-2 for `topk_margin`) and, with `confidence_threshold`, every
+  masked position with confidence > threshold, until the sub-block is clean.
+- The clean block is stored with a *causal* forward (exact AR K/V), whose last logit gives the
+  next block's first token.
+
+Token proposal follows Dream's order (temperature, top-p, top-k); see `dream.score_tokens`.
+Decisions: rows already clean never commit (the reference's batched argmax over an all -inf row
+rewrites position 0 of a clean sub-block); the last block's store forward is skipped (nothing
+reads it: NFE = reference - 1); with `stop_at_eos`, once every row holds EOS the loop stops, as
+the reference does, and the undecoded tail is EOS instead of MASK.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen import cache as cache_lib
+from jaxgen import layouts
+from jaxgen.errors import JaxgenError
+from jaxgen.model import unstack_layers
+from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
+                                    forbid_mask_token, with_mask_id)
+from jaxgen.samplers.dream import score_tokens
+
+ALGS = ("origin", "confidence_threshold", "entropy", "topk_margin")
+
+
+def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: int = 32, num_small_blocks: int = 1,
+             alg: str = "origin", threshold: float = 0.9, temperature: float = 0.0, top_p: float | None = None,
+             top_k: int | None = None, mask_id: int | None = None, stop_at_eos: bool = False) -> SamplerOutput:
+    """NBDiff decoding (see the module docstring). The reference's demo: alg='entropy', top_p=0.8,
+    temperature=1.0, block_length=32, num_small_blocks=8."""
+    cfg = with_mask_id(cfg, mask_id)
+    prompt = jnp.asarray(prompt, jnp.int32)
+    check_choice("alg", alg, ALGS)
+    check_threshold(threshold)
+    if gen_length <= 0 or block_length <= 0 or num_small_blocks <= 0:
+        raise JaxgenError(f"gen_length={gen_length}, block_length={block_length} and "
+                          f"num_small_blocks={num_small_blocks} must be positive")
+    if gen_length % block_length:
+        raise JaxgenError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
+    if block_length % num_small_blocks:
+        raise JaxgenError(f"block_length={block_length} is not divisible by num_small_blocks={num_small_blocks}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise JaxgenError(f"top_p={top_p} must lie in (0, 1]")
+    if top_k is not None and top_k <= 0:
+        raise JaxgenError(f"top_k={top_k} must be positive (or None)")
+    if stop_at_eos and cfg.eos_id is None:
+        raise JaxgenError("stop_at_eos=True needs cfg.eos_id")
+    if prompt.shape[1] == 0:
+        raise JaxgenError("NBDiff needs a non-empty prompt (its first token is predicted from the prompt)")
+    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
+    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(threshold),
+                     gen_length=gen_length, block_length=block_length, sub=block_length // num_small_blocks,
+                     alg=alg, top_p=top_p, top_k=top_k, stop_at_eos=stop_at_eos)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "sub", "alg", "top_p", "top_k",
+                                             "stop_at_eos"))
+def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, block_length, sub, alg, top_p, top_k,
+              stop_at_eos):
+    params = unstack_layers(params)
+    B, P = prompt.shape
+    total = P + gen_length
+    num_blocks = gen_length // block_length
+    x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
+    cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
+    logits, cache = cache_lib.prefill(params, cfg, cache, prompt, layouts.causal())
+
+    def ar_token(logits_BV, k):
+        tok, _ = score_tokens(forbid_mask_token(logits_BV, cfg), k, temperature, top_p, top_k, "origin")
+        return tok
+
+    x = x.at[:, P].set(ar_token(logits[:, -1], jax.random.fold_in(key, 0)))
+    has_eos = lambda x: jnp.all(jnp.any(x[:, P:] == cfg.eos_id, axis=1)) if stop_at_eos else jnp.bool_(False)
+
+    def denoise_block(b, carry):
+        x, cache, nfe, stopped = carry
+        start = P + b * block_length
+        positions = jnp.broadcast_to(start + jnp.arange(block_length, dtype=jnp.int32), (B, block_length))
+        cur = jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
+
+        def sub_block(s, carry):
+            cur, nfe, stopped = carry
+            lo = s * sub
+
+            def unclean(c):
+                cur, _, stopped = c
+                return ~stopped & jnp.any(jax.lax.dynamic_slice_in_dim(cur, lo, sub, axis=1) == cfg.mask_id)
+
+            def step(c):
+                cur, nfe, stopped = c
+                logits = cache_lib.read_only(params, cfg, cache, cur, positions, layouts.full())
+                logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)  # right shift
+                logits = forbid_mask_token(jax.lax.dynamic_slice_in_dim(logits, lo, sub, axis=1), cfg)
+                tok, conf = score_tokens(logits, jax.random.fold_in(key, nfe), temperature, top_p, top_k, alg)
+                blk = jax.lax.dynamic_slice_in_dim(cur, lo, sub, axis=1)
+                masked = blk == cfg.mask_id
+                conf = jnp.where(masked, conf, NEG_INF)
+                take = masked & jax.nn.one_hot(jnp.argmax(conf, axis=-1), sub, dtype=bool)
+                if alg == "confidence_threshold":
+                    take = take | (masked & (conf > threshold))
+                cur = jax.lax.dynamic_update_slice_in_dim(cur, jnp.where(take, tok, blk), lo, axis=1)
+                return cur, nfe + 1, stopped
+
+            cur, nfe, stopped = jax.lax.while_loop(unclean, step, (cur, nfe, stopped))
+            x_now = jax.lax.dynamic_update_slice_in_dim(x, cur, start, axis=1)
+            return cur, nfe, stopped | has_eos(x_now)
+
+        cur, nfe, stopped = jax.lax.fori_loop(0, block_length // sub, sub_block, (cur, nfe, stopped))
+        x = jax.lax.dynamic_update_slice_in_dim(x, cur, start, axis=1)
+
+        def store(args):  # exact causal K/V of the clean block; its last logit starts the next block
+            x, cache, nfe = args
+            logits, cache = cache_lib.prefill(params, cfg, cache, cur, layouts.causal())
+            nxt = ar_token(logits[:, -1], jax.random.fold_in(key, nfe))
+            return jax.lax.dynamic_update_slice_in_dim(x, nxt[:, None], start + block_length, axis=1), cache, nfe + 1
+
+        x, cache, nfe = jax.lax.cond((b < num_blocks - 1) & ~stopped, store, lambda a: a, (x, cache, nfe))
+        return x, cache, nfe, stopped
+
+    x, _, nfe, _ = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, cache, jnp.int32(1), has_eos(x)))
+    if stop_at_eos:
+        x = jnp.where(x == cfg.mask_id, cfg.eos_id, x)
+    return SamplerOutput(tokens=x, nfe=nfe)
