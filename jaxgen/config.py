@@ -111,7 +111,7 @@ class TrainConfig:
             raise ConfigError(f"meap_ratio={self.meap_ratio} must be in [0, 1)")
 
 
-OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar")
+OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar", "lavida")
 
 
 def _model(**kw) -> ModelConfig:

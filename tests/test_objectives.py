@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxgen import layouts, model
 from jaxgen.objectives import ar, block_diffusion, common, masked_diffusion
@@ -70,3 +71,15 @@ def test_block_diffusion_gradients_flow(tiny_cfg, tiny_params):
     g = jax.grad(lambda p: block_diffusion.loss(p, tiny_cfg, batch(), jax.random.key(1), block_size=4)[0])(tiny_params)
     norms = [float(jnp.abs(x).max()) for x in jax.tree.leaves(g)]
     assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+@pytest.mark.parametrize("objective", ["tidar", "lavida"])
+def test_new_objectives_from_train_config(tiny_cfg, tiny_params, objective):
+    import dataclasses as dc
+
+    from jaxgen import config, objectives
+    cfg = dc.replace(tiny_cfg, mask_id=259)
+    fn = objectives.for_train_config(config.TrainConfig(objective=objective, seq_len=16, block_size=4))
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, 16)), jnp.int32)
+    value, metrics = fn(tiny_params, cfg, {"tokens": tokens}, jax.random.key(0))
+    assert np.isfinite(float(value)) and float(value) > 0

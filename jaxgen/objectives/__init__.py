@@ -16,6 +16,9 @@ def for_train_config(tcfg):
         return functools.partial(ar.loss, meap_ratio=tcfg.meap_ratio)
     if tcfg.objective == "masked_diffusion":
         return functools.partial(masked_diffusion.loss, eps=tcfg.sampling_eps, antithetic=tcfg.antithetic)
+    if tcfg.objective == "lavida":
+        return functools.partial(masked_diffusion.loss, eps=tcfg.sampling_eps, antithetic=tcfg.antithetic,
+                                 complementary=True, prefix_lm=True)
     if tcfg.objective == "tidar":
         return functools.partial(tidar.loss, block_size=tcfg.block_size, alpha=tcfg.tidar_alpha)
     return functools.partial(block_diffusion.loss, block_size=tcfg.block_size, eps=tcfg.sampling_eps,

@@ -4,6 +4,13 @@ Pretraining normalisation follows LLaDA (sum over masked tokens of CE / t, divid
 of real tokens); with a `prompt_mask` (SFT) the prompt is never noised and each row's loss is
 divided by its answer length, then averaged over rows. The value is an upper bound (ELBO) on the
 per-token negative log-likelihood.
+
+LaViDa options (jacklishufan/LaViDa `llava_llada.py`): `complementary=True` adds, for every row,
+a copy masked exactly where the first is not (over noisable tokens), so each token is
+supervised once per pair; the copy's masking rate is 1 - t and its CE is weighted 1 / (1 - t)
+(our reading: the spec says the weighting follows `forward_process`). `prefix_lm=True` lets the
+prompt (`prompt_mask`) attend only to itself, which `jaxgen.samplers.lavida` relies on to
+encode the prompt once.
 """
 from __future__ import annotations
 
@@ -22,7 +29,13 @@ def corrupt(tokens, t_BL, noisable_BL, key, mask_id):
     return jnp.where(masked, mask_id, tokens), masked
 
 
-def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True):
+def prefix_lm_mask(prompt_BL):
+    """[B, L, L]: prompt queries see only the prompt; answer queries see everything."""
+    return prompt_BL[:, None, :] | ~prompt_BL[:, :, None]
+
+
+def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True, complementary: bool = False,
+         prefix_lm: bool = False):
     if cfg.mask_id is None:
         raise JaxgenError("masked diffusion needs cfg.mask_id (the [MASK] token id)")
     tokens = batch["tokens"]
@@ -30,8 +43,16 @@ def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True)
     loss_mask, prompt = loss_and_prompt_masks(batch)
     k_t, k_mask = jax.random.split(key)
     t_B = sample_t(k_t, B, eps, antithetic)
-    noisy, masked = corrupt(tokens, t_B[:, None], (loss_mask > 0) & ~prompt, k_mask, cfg.mask_id)
-    logits, _ = forward(params, cfg, noisy, layout=layouts.full())
+    noisable = (loss_mask > 0) & ~prompt
+    noisy, masked = corrupt(tokens, t_B[:, None], noisable, k_mask, cfg.mask_id)
+    if complementary:  # the inverse mask over noisable tokens, as a second copy of every row
+        inverse = noisable & ~masked
+        noisy = jnp.concatenate([noisy, jnp.where(inverse, cfg.mask_id, tokens)])
+        masked = jnp.concatenate([masked, inverse])
+        t_B = jnp.concatenate([t_B, jnp.maximum(1.0 - t_B, eps)])
+        tokens, loss_mask, prompt = (jnp.concatenate([a, a]) for a in (tokens, loss_mask, prompt))
+    chunk_mask = prefix_lm_mask(prompt) if prefix_lm else None
+    logits, _ = forward(params, cfg, noisy, layout=layouts.full(), chunk_mask_BLL=chunk_mask)
     ce = cross_entropy(logits, tokens)
     weighted = jnp.where(masked, ce / t_B[:, None], 0.0)
     answer = loss_mask * (~prompt)
