@@ -86,11 +86,13 @@ def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, n
 
 
 def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, block=16, batch=4, prompt_len=32,
-        repeats=3, only=None, progress=True) -> dict:
+        repeats=3, only=None, progress=True, data_dir: str = "", overrides=()) -> dict:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_model, base_train = config.preset(preset)
-    base_train = dataclasses.replace(base_train, steps=steps, eval_every=steps, ckpt_every=steps, progress=progress)
+    base_train = dataclasses.replace(base_train, steps=steps, eval_every=steps, ckpt_every=steps, progress=progress,
+                                     data_dir=data_dir)
+    base_model, base_train = config.apply_overrides(base_model, base_train, overrides)
     tokenizer = data.get_tokenizer(base_train.tokenizer)
     batches, val_rows = data.corpus(base_train, tokenizer)
     table = {k: v for k, v in decoders(gen_length, block).items() if only is None or k in only}
@@ -182,8 +184,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model/train config overrides")
     a = p.parse_args(argv)
-    run(a.out, a.preset, a.steps, a.gen_length, a.block_length, a.batch, a.prompt_len, a.repeats)
+    run(a.out, a.preset, a.steps, a.gen_length, a.block_length, a.batch, a.prompt_len, a.repeats,
+        overrides=a.overrides)
 
 
 if __name__ == "__main__":
