@@ -9,7 +9,7 @@ import pytest
 
 import np_llama
 from jaxgen.errors import JaxgenError
-from jaxgen.samplers import ar, wedlm
+from jaxgen.samplers import wedlm
 
 PROMPT = np.array([[256, 10, 20, 30, 40], [256, 50, 60, 70, 80]], np.int32)
 

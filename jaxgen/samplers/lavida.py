@@ -27,7 +27,7 @@ from jaxgen.cache import init_cache
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    top_k_commit, with_mask_id)
+                                    num_transfer_tokens, top_k_commit, with_mask_id)
 from jaxgen.samplers.masked_diffusion import gumbel_argmax, validate_blocks
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
@@ -53,9 +53,7 @@ def transfer_schedule(n: int, steps: int, schedule=None, shift: float = 3.0) -> 
     steps + 1) (steps capped at n), each >= 1, the excess taken one at a time round-robin from
     entries > 1, then reversed (few tokens early). schedule=None: LLaDA's linear split."""
     if schedule is None:
-        counts = np.full(steps, n // steps, np.int64)
-        counts[: n % steps] += 1
-        return counts
+        return num_transfer_tokens(n, steps)
     steps = min(steps, n)
     sig = schedule_sigmas(schedule, np.linspace(0, 1, steps + 1, dtype=np.float32), shift)
     cum = (sig * np.float32(n)).astype(np.int64)

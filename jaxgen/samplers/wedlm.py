@@ -29,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgen import layouts
 from jaxgen.cache import init_cache, truncate
