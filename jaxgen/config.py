@@ -91,6 +91,14 @@ class TrainConfig:
     # objective knobs
     block_size: int = 4  # block diffusion; TiDAR draft block
     tidar_alpha: float = 1.0  # TiDAR: weight of the AR loss against the diffusion loss
+    aux_ar_weight: float = 1.0  # NBDiff: weight of the auxiliary AR loss on the clean stream
+    curriculum_steps: int = 0  # block objectives: grow the block 1, 2, 4, .. block_size over these steps
+    position_mask_beta: float = 1.0  # Efficient-DLM: w_i(t) = exp(beta (1 - t) i) inside a block
+    init_from: str = ""  # a jaxgen train folder whose latest params start this run (AR -> dLM adaptation)
+    # Learn2PD filter (objective=learn2pd; init_from = the masked-diffusion model it serves)
+    filter_gen_length: int = 64  # answer tokens decoded per rollout; the prompt is the rest of seq_len
+    filter_block_length: int = 16  # the decode block (and the filter's input width)
+    filter_rollouts: int = 64  # reference decodes that make the training set
     antithetic: bool = True
     sampling_eps: float = 1e-3
     meap_ratio: float = 0.0  # AR + MEAP: fraction of inputs replaced by MASK
@@ -105,13 +113,48 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.objective in ("block_diffusion", "tidar") and self.seq_len % self.block_size:
-            raise ConfigError(f"seq_len={self.seq_len} is not a multiple of block_size={self.block_size}")
+        if self.objective in BLOCK_OBJECTIVES:
+            for size in curriculum_block_sizes(self.block_size, self.curriculum_steps):
+                if self.seq_len % size:
+                    raise ConfigError(f"seq_len={self.seq_len} is not a multiple of block size {size} "
+                                      f"(block_size={self.block_size}, curriculum_steps={self.curriculum_steps})")
+        if int(self.curriculum_steps) < 0:
+            raise ConfigError(f"curriculum_steps={self.curriculum_steps} must be >= 0 (0 = no curriculum)")
+        if self.objective == "learn2pd":
+            if not self.init_from:
+                raise ConfigError("objective=learn2pd trains a filter for a masked-diffusion model: set "
+                                  "init_from=<its jaxgen train folder>")
+            gen, block = self.filter_gen_length, self.filter_block_length
+            if gen <= 0 or block <= 0 or gen % block or gen >= self.seq_len:
+                raise ConfigError(f"filter_gen_length={gen} must be a positive multiple of filter_block_length="
+                                  f"{block} and shorter than seq_len={self.seq_len} (the rest is the prompt)")
         if not 0.0 <= self.meap_ratio < 1.0:
             raise ConfigError(f"meap_ratio={self.meap_ratio} must be in [0, 1)")
 
 
-OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar", "lavida")
+OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar", "lavida", "nbdiff", "efficient_dlm",
+              "learn2pd")
+BLOCK_OBJECTIVES = ("block_diffusion", "tidar", "nbdiff", "efficient_dlm")  # use block_size
+
+
+def curriculum_block_sizes(block_size: int, curriculum_steps: int) -> tuple[int, ...]:
+    """The block sizes a run goes through: 1, 2, 4, ... then block_size (just block_size without
+    a curriculum). NBDiff grows the block from 1 (AR) to the target."""
+    if not curriculum_steps:
+        return (block_size,)
+    sizes = [1]
+    while sizes[-1] * 2 < block_size:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes) + ((block_size,) if block_size > 1 else ())
+
+
+def block_size_at(tcfg: "TrainConfig", step: int) -> int:
+    """The block size of training step `step` (0-based): equal stages over curriculum_steps, then
+    the target."""
+    sizes = curriculum_block_sizes(tcfg.block_size, tcfg.curriculum_steps)
+    if step >= tcfg.curriculum_steps:
+        return sizes[-1]
+    return sizes[step * len(sizes) // tcfg.curriculum_steps]
 
 
 def _model(**kw) -> ModelConfig:

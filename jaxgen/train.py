@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgen import config as config_lib
 from jaxgen import model, objectives, parallel
 from jaxgen.checkpoint import Checkpointer
 from jaxgen.errors import CheckpointError
@@ -65,8 +66,22 @@ def init_state(cfg, optimizer, key, shardings) -> TrainState:
     return jax.jit(build, out_shardings=shardings)(key) if shardings is not None else build(key)
 
 
-def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard):
-    loss_fn = objectives.for_train_config(tcfg)
+def init_state_from_run(cfg, optimizer, run_dir, shardings) -> TrainState:
+    """Step 0 with the latest params of another run (e.g. AR weights adapted to diffusion) and a
+    fresh optimizer. The model configs must agree."""
+    from jaxgen import runs
+    src_cfg, _, params = runs.load_run(run_dir)
+    if src_cfg != cfg:
+        diff = {k: (getattr(src_cfg, k), getattr(cfg, k)) for k in dataclasses.asdict(cfg)
+                if getattr(src_cfg, k) != getattr(cfg, k)}
+        raise CheckpointError(f"init_from={run_dir!s} holds a model with another config {diff} (theirs, ours); "
+                              "train with the same model keys")
+    build = lambda params: TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+    return jax.jit(build, out_shardings=shardings)(params) if shardings is not None else build(params)
+
+
+def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, block_size: int | None = None):
+    loss_fn = objectives.for_train_config(tcfg, block_size)
     accum = tcfg.grad_accum
 
     def micro_grads(params, batch, key):
@@ -172,10 +187,18 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state = ckpt.restore(latest, abstract)
         _truncate_metrics(out / "metrics.jsonl", latest)
+    elif tcfg.init_from:
+        state = init_state_from_run(cfg, optimizer, tcfg.init_from, shardings)
     else:
         state = init_state(cfg, optimizer, init_key, shardings)
     start = int(state.step)
-    train_step = make_train_step(cfg, tcfg, optimizer, shardings, batch_shard)
+    stage_steps = {}  # block size -> compiled train step (one per curriculum stage)
+
+    def train_step(state, batch, key, step):
+        size = config_lib.block_size_at(tcfg, step)
+        if size not in stage_steps:
+            stage_steps[size] = make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, size)
+        return stage_steps[size](state, batch, key)
     eval_step = make_eval_step(cfg, tcfg)
     end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
 
@@ -187,7 +210,7 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
     with open(metrics_path, "a") as log:
         for step in range(start, end):
             batch = parallel.put_batch(batches.at(step), batch_shard)
-            state, metrics = train_step(state, batch, jax.random.fold_in(train_key, step))
+            state, metrics = train_step(state, batch, jax.random.fold_in(train_key, step), step)
             steps_since += 1
             done = step + 1
             is_last = done == tcfg.steps
@@ -196,6 +219,8 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
                 elapsed = time.perf_counter() - t_last
                 record = {"step": done, "loss": metrics["loss"], "lr": float(schedule(done - 1)),
                           "grad_norm": metrics["grad_norm"], "tokens_per_s": steps_since * tokens_per_step / elapsed}
+                if tcfg.curriculum_steps:
+                    record["block_size"] = config_lib.block_size_at(tcfg, step)
                 if val_rows is not None and (done % tcfg.eval_every == 0 or is_last):
                     eval_loss = evaluate(eval_step, state.params, val_rows, tcfg, batch_shard)
                     record["eval_loss"] = eval_loss

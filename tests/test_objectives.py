@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxgen import layouts, model
-from jaxgen.objectives import ar, block_diffusion, common, masked_diffusion
+from jaxgen.objectives import ar, block_diffusion, common, masked_diffusion, nbdiff
 
 
 def batch(n=4, length=16):
@@ -73,7 +73,7 @@ def test_block_diffusion_gradients_flow(tiny_cfg, tiny_params):
     assert all(np.isfinite(norms)) and max(norms) > 0
 
 
-@pytest.mark.parametrize("objective", ["tidar", "lavida"])
+@pytest.mark.parametrize("objective", ["tidar", "lavida", "nbdiff", "efficient_dlm"])
 def test_new_objectives_from_train_config(tiny_cfg, tiny_params, objective):
     import dataclasses as dc
 
@@ -83,3 +83,61 @@ def test_new_objectives_from_train_config(tiny_cfg, tiny_params, objective):
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, 16)), jnp.int32)
     value, metrics = fn(tiny_params, cfg, {"tokens": tokens}, jax.random.key(0))
     assert np.isfinite(float(value)) and float(value) > 0
+
+
+def test_nbdiff_block_size_one_is_the_ar_loss(tiny_cfg, tiny_params):
+    """NBDiff treats AR as block size 1: nothing is maskable and only the AR loss remains."""
+    b = batch()
+    value, metrics = nbdiff.loss(tiny_params, tiny_cfg, b, jax.random.key(0), block_size=1)
+    ar_value, _ = ar.loss(tiny_params, tiny_cfg, b, jax.random.key(0))
+    np.testing.assert_allclose(value, ar_value, rtol=1e-5)
+    assert float(metrics["diffusion"]) == 0.0
+
+
+def test_nbdiff_matches_manual_formula(tiny_cfg, tiny_params):
+    """Context-causal noisy blocks, shifted targets (row j predicts token j + 1 inside the block),
+    block-first tokens never masked, CE / t over maskable tokens, plus the AR loss."""
+    b = batch(2, 16)
+    key = jax.random.key(5)
+    value, _ = nbdiff.loss(tiny_params, tiny_cfg, b, key, block_size=4, antithetic=False, aux_ar_weight=0.5)
+    toks = np.asarray(b["tokens"])
+    k_t, k_mask = jax.random.split(key)
+    t = np.repeat(np.asarray(common.sample_t(k_t, 8, 1e-3, False)).reshape(2, 4), 4, 1)
+    maskable = np.broadcast_to(np.arange(16) % 4 != 0, (2, 16))
+    noisy, masked = masked_diffusion.corrupt(b["tokens"], jnp.asarray(t), jnp.asarray(maskable), k_mask, 259)
+    noisy, masked = np.asarray(noisy), np.asarray(masked)
+    assert masked.any() and not masked[:, ::4].any()
+    diff = 0.0
+    for j in range(15):
+        if not masked[:, j + 1].any():
+            continue
+        s = j // 4 * 4  # the clean tokens before the block (causal among themselves), then the noisy block
+        probe = np.concatenate([toks[:, :s], noisy[:, s:s + 4]], 1)
+        pos = np.arange(s + 4)
+        mask = (pos[None, :] <= pos[:, None]) | (pos[:, None] >= s)
+        logits, _ = model.forward(tiny_params, tiny_cfg, jnp.asarray(probe), layout=layouts.full(),
+                                  chunk_mask_BLL=jnp.broadcast_to(jnp.asarray(mask), (2, s + 4, s + 4)))
+        lp = np.asarray(jax.nn.log_softmax(logits[:, j]))
+        ce = -lp[np.arange(2), toks[:, j + 1]]
+        diff += np.sum(np.where(masked[:, j + 1], ce / t[:, j + 1], 0.0))
+    ar_value, _ = ar.loss(tiny_params, tiny_cfg, b, key)
+    np.testing.assert_allclose(value, diff / maskable.sum() + 0.5 * float(ar_value), rtol=1e-4)
+
+
+def test_position_dependent_masking():
+    t = jnp.asarray([[0.2, 0.6, 1.0]])
+    p = np.asarray(block_diffusion.position_mask_prob(t, 8, beta=0.3)).reshape(3, 8)
+    assert (np.diff(p[:2], axis=1) > 0).all()  # later tokens masked more while t < 1
+    np.testing.assert_allclose(p[2], 1.0)  # t = 1: everything masked
+    np.testing.assert_allclose(p[:2].mean(1), [0.2, 0.6], rtol=1e-5)  # mean rate t (no clip at this beta)
+    flat = np.asarray(block_diffusion.position_mask_prob(t, 8, beta=0.0)).reshape(3, 8)
+    np.testing.assert_allclose(flat, np.repeat([[0.2], [0.6], [1.0]], 8, 1), rtol=1e-6)
+
+
+def test_efficient_dlm_with_beta_zero_is_block_diffusion(tiny_cfg, tiny_params):
+    b = batch()
+    plain, _ = block_diffusion.loss(tiny_params, tiny_cfg, b, jax.random.key(2), block_size=4)
+    flat, _ = block_diffusion.loss(tiny_params, tiny_cfg, b, jax.random.key(2), block_size=4, position_beta=0.0)
+    np.testing.assert_allclose(plain, flat, rtol=1e-6)
+    skewed, _ = block_diffusion.loss(tiny_params, tiny_cfg, b, jax.random.key(2), block_size=4, position_beta=2.0)
+    assert np.isfinite(skewed) and skewed != plain

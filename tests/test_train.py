@@ -84,3 +84,34 @@ def test_metrics_file_is_jsonl(tmp_path):
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [2, 3]
     assert all({"step", "loss", "lr", "grad_norm"} <= set(r) for r in records)
+
+
+def test_block_curriculum_stages_and_bit_for_bit_resume(tmp_path):
+    """NBDiff's curriculum: block 1 (AR), 2, then 4 over curriculum_steps; one compiled step per
+    stage, and a run stopped inside a stage resumes exactly."""
+    from jaxgen import config
+    tcfg = tiny_train(objective="nbdiff", block_size=4, curriculum_steps=4)
+    assert [config.block_size_at(tcfg, s) for s in range(6)] == [1, 1, 2, 4, 4, 4]
+    full = run(tmp_path / "full", tcfg)["state"]
+    run(tmp_path / "split", tcfg, stop_after=3)
+    resumed = run(tmp_path / "split", tcfg)["state"]
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    logged = {r["step"]: r["block_size"] for r in train.read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    assert logged == {2: 1, 4: 4, 6: 4}
+    with pytest.raises(Exception, match="not a multiple of block size"):
+        tiny_train(objective="nbdiff", seq_len=18, block_size=6, curriculum_steps=4)  # stage 4 does not divide 18
+
+
+def test_init_from_another_run(tmp_path):
+    """AR -> diffusion adaptation: step 0 holds the AR run's params, with a fresh optimizer."""
+    import dataclasses as dc
+    src = run(tmp_path / "ar", tiny_train(objective="ar", steps=2))["state"]
+    tcfg = tiny_train(objective="nbdiff", init_from=str(tmp_path / "ar"))
+    start = run(tmp_path / "nb", tcfg, stop_after=0)["state"]
+    assert int(start.step) == 0
+    for a, b in zip(jax.tree.leaves(src.params), jax.tree.leaves(start.params)):
+        np.testing.assert_array_equal(a, b)
+    batches, val = synthetic_batches(tcfg)
+    with pytest.raises(CheckpointError, match="another config"):
+        train.train(dc.replace(TINY_MODEL, mlp_dim=32), tcfg, tmp_path / "other", batches=batches, val_rows=val)

@@ -5,6 +5,12 @@ bidirectionally inside their block and to the clean earlier blocks; the clean st
 block-causal. One t per (row, block); tokens are masked w.p. t and the CE on masked tokens is
 weighted 1/t, summed and divided by the number of real tokens. Only the x_t half is projected to
 the vocabulary. With block_size 1 this is next-token prediction with a MASK query token.
+
+Efficient-DLM (`position_beta`, arXiv 2512.14067): at decode time blocks fill left to right, so
+later tokens of a block are masked more often in training. Token i of a block is masked w.p.
+p_i(t) = min(1, t * w_i / mean_j w_j), w_i = exp(beta (1 - t) i): the spec's weight (2nd-hand),
+normalised by us so that a block's mean masking rate stays t before the clip (uniform at t = 1,
+left-to-right as t -> 0). Masked CE is weighted 1 / p_i, the per-token form of LLaDA's 1 / t.
 """
 from __future__ import annotations
 
@@ -18,7 +24,16 @@ from jaxgen.objectives.common import cross_entropy, loss_and_prompt_masks, sampl
 from jaxgen.objectives.masked_diffusion import corrupt
 
 
-def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, antithetic: bool = True):
+def position_mask_prob(t_Bn, block_size: int, beta: float, eps: float = 1e-3):
+    """[B, n * block_size] masking probabilities of Efficient-DLM's position-dependent masking."""
+    i = jnp.arange(block_size, dtype=jnp.float32)
+    w_BnK = jnp.exp(beta * (1.0 - t_Bn)[..., None] * i)
+    p_BnK = t_Bn[..., None] * w_BnK / w_BnK.mean(-1, keepdims=True)
+    return jnp.clip(p_BnK, eps, 1.0).reshape(t_Bn.shape[0], -1)
+
+
+def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, antithetic: bool = True,
+         position_beta: float | None = None):
     if cfg.mask_id is None:
         raise JaxgenError("block diffusion needs cfg.mask_id (the [MASK] token id)")
     tokens = batch["tokens"]
@@ -29,7 +44,10 @@ def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, ant
     k_t, k_mask = jax.random.split(key)
     nb = L // block_size
     t_Bn = sample_t(k_t, B * nb, eps, antithetic).reshape(B, nb)
-    t_BL = jnp.repeat(t_Bn, block_size, axis=1)
+    if position_beta is None:
+        t_BL = jnp.repeat(t_Bn, block_size, axis=1)
+    else:
+        t_BL = position_mask_prob(t_Bn, block_size, position_beta, eps)
     noisy, masked = corrupt(tokens, t_BL, (loss_mask > 0) & ~prompt, k_mask, cfg.mask_id)
     positions = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), 2), (B, 2 * L))
     hidden, _ = forward(params, cfg, jnp.concatenate([noisy, tokens], axis=1), positions=positions,
