@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from jaxgen.errors import JaxgenError
@@ -14,8 +13,15 @@ def _train(args):
     model_cfg, train_cfg = config.preset(args.preset)
     fixed = {"objective": args.objective, "steps": args.steps, "seed": args.seed, "mesh": args.mesh,
              "rules": args.rules}
-    train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in fixed.items() if v is not None})
-    model_cfg, train_cfg = config.apply_overrides(model_cfg, train_cfg, args.overrides)
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in fixed.items() if v is not None]
+    model_cfg, train_cfg = config.apply_overrides(model_cfg, train_cfg, overrides)  # validated once, together
+    if train_cfg.objective == "learn2pd":
+        from jaxgen.samplers import learn2pd
+        m = learn2pd.train_filter(train_cfg, args.out, progress=train_cfg.progress)["metrics"]
+        print(f"Learn2PD filter: BCE {m['first_bce']:.4f} -> {m['train_bce']:.4f} (held out {m['val_bce']:.4f}), "
+              f"precision {m['precision']:.3f}, recall {m['recall']:.3f} on {m['records']} steps; "
+              f"saved to {args.out} (load with jaxgen.samplers.learn2pd.load_filter)")
+        return
     result = train.train(model_cfg, train_cfg, args.out, fresh=args.fresh)
     last = train.read_metrics(result["metrics_path"])[-1]
     print(f"step {last['step']}: loss {last['loss']:.4f}"

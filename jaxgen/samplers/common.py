@@ -109,9 +109,9 @@ def check_choice(name: str, value, choices):
         raise JaxgenError(f"{name}={value!r}; use one of {', '.join(map(repr, choices))}")
 
 
-def check_threshold(threshold):
+def check_threshold(threshold, name: str = "threshold"):
     if threshold is not None and not 0.0 < float(threshold) <= 1.0:
-        raise JaxgenError(f"threshold={threshold} must lie in (0, 1]")
+        raise JaxgenError(f"{name}={threshold} must lie in (0, 1]")
 
 
 def with_mask_id(cfg, mask_id):

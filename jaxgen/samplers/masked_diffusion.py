@@ -11,7 +11,13 @@ block only, by one of three rules:
   confidence >= threshold;
 - `factor` (Fast-dLLM `get_transfer_index_dynamic`): with confidences sorted c_1 >= c_2 >= ...,
   the first n that stay above 1 - factor / (n + 1) (the reference's quirk kept: when only the
-  last candidate fails, it is committed too).
+  last candidate fails, it is committed too);
+- `commit_filter` (Learn2PD, `jaxgen.samplers.learn2pd`): the most confident one plus every one
+  a learned filter accepts at `filter_threshold`.
+
+Threshold, factor and filter rules loop until the block is clean (adaptive NFE). `eotp=True`
+(Learn2PD's End-of-Text Prediction) fills every MASK after a committed EOS with EOS, ends the
+block's loop once it is clean and skips clean blocks without a forward.
 
 Caches (NVlabs/Fast-dLLM `llada/generate.py`), with the reference's stale-cache semantics:
 
@@ -52,6 +58,7 @@ from jaxgen import layouts
 from jaxgen.cache import init_cache, truncate
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
+from jaxgen.samplers import learn2pd
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
                                     forbid_mask_token, num_transfer_tokens, top_k_commit, with_mask_id)
 
@@ -64,7 +71,8 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
              threshold: float | None = None, factor: float | None = None, cache: str | None = None,
              mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
              cache_reloading_step: int = 4, window_size: int = 4, alg: str | None = None, alg_temp: float | None = None,
-             top_p: float | None = None, top_k: int | None = None) -> SamplerOutput:
+             top_p: float | None = None, top_k: int | None = None, commit_filter=None,
+             filter_threshold: float = 0.5, eotp: bool = False) -> SamplerOutput:
     """LLaDA / Fast-dLLM sampler (see the module docstring).
 
     eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
@@ -76,6 +84,8 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
       README example uses 4; 0 = none).
     alg, alg_temp, top_p, top_k: Dream decoding (`jaxgen.samplers.dream`): one block, shifted
       logits, Dream's time grid; `steps` forwards.
+    commit_filter, filter_threshold: Learn2PD's filter params (`learn2pd.load_filter`) and tau.
+    eotp: End-of-Text Prediction (needs cfg.eos_id).
     """
     if alg is not None:
         from jaxgen.samplers import dream
@@ -91,8 +101,20 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     validate_blocks(gen_length, block_length, steps)
     check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
     check_threshold(threshold)
-    if threshold is not None and factor is not None:
-        raise JaxgenError(f"threshold={threshold} and factor={factor} are two commit rules; pass one of them")
+    rules = [name for name, v in (("threshold", threshold), ("factor", factor), ("commit_filter", commit_filter))
+             if v is not None]
+    if len(rules) > 1:
+        raise JaxgenError(f"{' and '.join(rules)} are separate commit rules; pass one of them")
+    if commit_filter is not None:
+        check_threshold(filter_threshold, "filter_threshold")
+        if remasking != "low_confidence":
+            raise JaxgenError(f"commit_filter reads softmax confidences: use remasking='low_confidence', "
+                              f"not {remasking!r}")
+        if cache in ("dkv_decode", "dkv_greedy"):
+            raise JaxgenError(f"commit_filter loops until the block is clean; cache={cache!r} follows fixed "
+                              "steps (use None, 'prefix' or 'dual')")
+    if eotp and cfg.eos_id is None:
+        raise JaxgenError("eotp=True needs cfg.eos_id (the End-of-Text token)")
     if factor is not None and not float(factor) > 0:
         raise JaxgenError(f"factor={factor} must be positive (Fast-dLLM uses about 1)")
     if cache is not None and cfg_scale:
@@ -109,13 +131,13 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
         raise JaxgenError(f"window_size={window_size} must be >= 0")
     if (eos_logit_inf or confidence_eos_inf) and cfg.eos_id is None:
         raise JaxgenError("eos_logit_inf / confidence_eos_inf need cfg.eos_id")
-    rule = "threshold" if threshold is not None else "factor" if factor is not None else "schedule"
-    level = jnp.float32(threshold if threshold is not None else factor if factor is not None else 0.0)
-    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
+    rule = rules[0] if rules else "schedule"
+    level = jnp.float32({"threshold": threshold, "factor": factor, "commit_filter": filter_threshold}.get(rule, 0.0))
+    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level, commit_filter,
                      gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
                      rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
                      guided=cfg_scale > 0, reload_every=int(cache_reloading_step),
-                     window_size=int(window_size))
+                     window_size=int(window_size), eotp=bool(eotp))
 
 
 def validate_blocks(gen_length: int, block_length: int, steps: int):
@@ -173,9 +195,10 @@ def factor_commit(conf_BL, masked_BL, factor):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
                                              "cache", "eos_logit_inf", "confidence_eos_inf", "guided",
-                                             "reload_every", "window_size"))
-def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_length, steps, block_length,
-              remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every, window_size):
+                                             "reload_every", "window_size", "eotp"))
+def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_filter, *, gen_length, steps,
+              block_length, remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every,
+              window_size, eotp):
     params = unstack_layers(params)  # once per call, not per step
     cfg_scale = cfg_scale if guided else None
     B, P = prompt.shape
@@ -209,11 +232,17 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
             take = threshold_commit(conf, masked, level)
         elif rule == "factor":
             take = factor_commit(conf, masked, level)
+        elif rule == "commit_filter":
+            take = learn2pd.filter_commit(commit_filter, conf, masked, level)
         else:
             take = top_k_commit(jnp.where(masked, conf, NEG_INF), schedule[jnp.minimum(step, steps_per_block - 1)])
         return jnp.where(take, x0, block_BK), take
 
     block_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
+
+    def place(x, new_block, start):
+        x = jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1)
+        return end_of_text_fill(x, P, cfg.eos_id, cfg.mask_id) if eotp else x
 
     def refresh(x, start):
         """Step 0 of a block: a full forward (writing every K/V in cached modes); block logits."""
@@ -268,7 +297,7 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
         order = greedy_order_scores(key, b, B, block_length) if cache == "dkv_greedy" else None
         logits, kv = refresh(x, start)
         new_block, take = commit(block_of(x, start), logits, 0, nfe, order)
-        x_new = jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1)
+        x_new = place(x, new_block, start)
         kept = kept_after(x, x_new, take, order, start, 0)
         x = x_new
         nfe = nfe + 1
@@ -276,7 +305,7 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
 
         def cond(c):
             step, x = c[:2]
-            if cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule":
+            if cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp:
                 return step < bound  # LLaDA (and dKV-Cache): fixed steps per block
             return (step < bound) & jnp.any(block_of(x, start) == cfg.mask_id)
 
@@ -284,14 +313,27 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, *, gen_le
             step, x, kv, nfe, kept = c
             logits, kv = cached_step(x, kv, start, step, kept)
             new_block, take = commit(block_of(x, start), logits, step, nfe, order)
-            x_new = jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1)
+            x_new = place(x, new_block, start)
             return step + 1, x_new, kv, nfe + 1, kept_after(x, x_new, take, order, start, step)
 
         _, x, _, nfe, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe, kept))
         return x, nfe
 
+    if eotp:  # blocks left clean by an earlier EOS cost no forward
+        run_block = denoise_block
+        denoise_block = lambda b, c: jax.lax.cond(
+            jnp.any(block_of(c[0], P + b * block_length) == cfg.mask_id), lambda c: run_block(b, c), lambda c: c, c)
     x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
     return SamplerOutput(tokens=x, nfe=nfe)
+
+
+def end_of_text_fill(x_BT, prompt_len: int, eos_id: int, mask_id: int):
+    """Learn2PD's EoTP: every MASK after the first generated EOS of a row becomes EOS."""
+    T = x_BT.shape[1]
+    pos = jnp.arange(T)
+    is_eos = (x_BT == eos_id) & (pos >= prompt_len)
+    first_eos_B = jnp.min(jnp.where(is_eos, pos, T), axis=1)
+    return jnp.where((x_BT == mask_id) & (pos > first_eos_B[:, None]), eos_id, x_BT)
 
 
 def greedy_order_scores(key, block, batch: int, block_length: int):
