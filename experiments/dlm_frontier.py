@@ -1,20 +1,24 @@
 """Speed vs quality of every diffusion-LM decoder in jaxgen, on models trained here.
 
-Trains (or reloads from --out) four small models on the offline python_stdlib corpus, one per
-objective the decoders need: masked diffusion (LLaDA, Fast-dLLM, dKV-Cache), block diffusion
-(SDAR, BD3-LM), TiDAR, and an AR model that serves as the AR baseline and as the quality judge.
+Trains (or reloads from --out) small models on the offline python_stdlib corpus, one per
+objective the decoders need: an AR model (the AR baseline and the quality judge), masked
+diffusion (LLaDA, Fast-dLLM, dKV-Cache, Learn2PD), block diffusion (SDAR, BD3-LM), TiDAR, and two
+models adapted from the AR weights (`init_from`, a third of the steps): NBDiff (block-size
+curriculum from 1 plus the auxiliary AR loss) and Efficient-DLM (position-dependent masking).
+The Learn2PD filter is then fitted on oracle rollouts of the masked-diffusion model.
+
 For each decoder it measures NFE, tokens per NFE, tokens/s (median of --repeats timed runs after
 one compile run), bits per byte of the generated continuation under the AR model, and token
-agreement with its baseline (LLaDA without cache for the masked-diffusion decoders, SDAR static
-for block diffusion, the same model's greedy AR decode for TiDAR). Writes frontier.json and
-frontier.png (tokens/s against bits/byte) to --out.
+agreement with its baseline (LLaDA without cache for the masked-diffusion decoders, the same
+model's static/one-token-per-step decode for block decoders, greedy AR for TiDAR). Writes
+frontier.json and frontier.png (tokens/s against bits/byte) to --out.
 
-    python experiments/dlm_frontier.py                    # 2 CPU cores: a few minutes
+    python experiments/dlm_frontier.py                    # 2 CPU cores: minutes
     python experiments/dlm_frontier.py --preset small --steps 4000 --gen-length 256   # accelerators
 
-Not covered here: WeDLM and NBDiff need models trained for them (MASK prediction under the
-causal layout; AR-adapted block diffusion with shifted logits), Dream needs a shifted-logit
-model; their decoders are tested for exactness against references in tests/.
+Not covered here: WeDLM and Dream need models trained for them (MASK prediction under the causal
+layout; a shifted-logit full-attention model); their decoders are tested for exactness against
+references in tests/.
 """
 from __future__ import annotations
 
@@ -30,14 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import config, data, model, train
-from jaxgen.samplers import ar, block_diffusion, masked_diffusion, tidar
+from jaxgen.samplers import ar, block_diffusion, learn2pd, masked_diffusion, nbdiff, tidar
 
-OBJECTIVES = {  # model name -> TrainConfig overrides
+OBJECTIVES = {  # model name -> TrainConfig overrides; "from": adapt that model's weights (a third of the steps)
     "ar": dict(objective="ar"),
     "masked_diffusion": dict(objective="masked_diffusion"),
     "block_diffusion": dict(objective="block_diffusion", block_size=4),
     "tidar": dict(objective="tidar", block_size=4),
+    "nbdiff": dict(objective="nbdiff", block_size=8, curriculum="half", **{"from": "ar"}),
+    "efficient_dlm": dict(objective="efficient_dlm", block_size=4, position_mask_beta=1.0, **{"from": "ar"}),
 }
+FILTER = "learn2pd"  # pseudo-model: the masked-diffusion params plus the Learn2PD filter fitted on them
 
 
 def decoders(gen_length: int, block: int):
@@ -46,6 +53,9 @@ def decoders(gen_length: int, block: int):
     bd = dict(gen_length=gen_length, block_length=4, denoising_steps=4)
     mdg = lambda **kw: lambda p, c, x, k: masked_diffusion.generate(p, c, x, k, **md, **kw)
     bdg = lambda **kw: lambda p, c, x, k: block_diffusion.generate(p, c, x, k, **bd, **kw)
+    l2pd = lambda **kw: lambda p, c, x, k: masked_diffusion.generate(p["lm"], c, x, k, **md, commit_filter=p["filter"],
+                                                                      **kw)
+    nbd = lambda **kw: lambda p, c, x, k: nbdiff.generate(p, c, x, k, gen_length=gen_length, block_length=8, **kw)
     return {
         "AR greedy": ("ar", None, lambda p, c, x, k: ar.generate(p, c, x, k, max_new_tokens=gen_length)),
         "LLaDA": ("masked_diffusion", None, mdg()),
@@ -58,10 +68,18 @@ def decoders(gen_length: int, block: int):
         "dKV greedy (random, reload 2, window 4)": ("masked_diffusion", "LLaDA",
                                                     mdg(cache="dkv_greedy", remasking="random",
                                                         cache_reloading_step=2)),
+        "LLaDA + EoTP": ("masked_diffusion", "LLaDA", mdg(eotp=True)),
+        "Learn2PD filter 0.9": (FILTER, "LLaDA", l2pd(filter_threshold=0.9)),
+        "Learn2PD filter 0.9 + EoTP + dual": (FILTER, "LLaDA", l2pd(filter_threshold=0.9, eotp=True, cache="dual")),
         "SDAR static": ("block_diffusion", None, bdg(remasking="low_confidence_static")),
         "SDAR dynamic 0.9": ("block_diffusion", "SDAR static", bdg(remasking="low_confidence_dynamic", threshold=0.9)),
         "BD3-LM first hitting (top-p 0.9)": ("block_diffusion", "SDAR static",
                                              bdg(remasking="first_hitting", temperature=1.0, top_p=0.9)),
+        "Efficient-DLM static": ("efficient_dlm", None, bdg(remasking="low_confidence_static")),
+        "Efficient-DLM dynamic 0.9": ("efficient_dlm", "Efficient-DLM static",
+                                      bdg(remasking="low_confidence_dynamic", threshold=0.9)),
+        "NBDiff (1 token/step)": ("nbdiff", None, nbd(alg="origin")),
+        "NBDiff threshold 0.9": ("nbdiff", "NBDiff (1 token/step)", nbd(alg="confidence_threshold", threshold=0.9)),
         "TiDAR AR greedy": ("tidar", None, lambda p, c, x, k: ar.generate(p, c, x, k, max_new_tokens=gen_length)),
         "TiDAR (draft 4)": ("tidar", "TiDAR AR greedy",
                             lambda p, c, x, k: tidar.generate(p, c, x, k, gen_length=gen_length, draft_length=4)),
@@ -77,12 +95,32 @@ def ar_bits_per_byte(ar_params, cfg, tokens, prompt_len: int) -> float:
 
 
 def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, names):
+    """Train (or reload) each model; adapted models start from their source model's weights."""
     params = {}
+    names = sorted(names, key=lambda n: "from" in OBJECTIVES[n])  # sources first
     for name in names:
-        tcfg = dataclasses.replace(base_train, **OBJECTIVES[name])
+        kw = dict(OBJECTIVES[name])
+        if "from" in kw:
+            kw["init_from"] = str(out / kw.pop("from"))
+            kw["steps"] = max(1, base_train.steps // 3)
+        if kw.pop("curriculum", None):
+            kw["curriculum_steps"] = max(1, kw.get("steps", base_train.steps) // 2)
+        tcfg = dataclasses.replace(base_train, **kw)
+        kw_eval = dict(eval_every=tcfg.steps, ckpt_every=tcfg.steps)
+        tcfg = dataclasses.replace(tcfg, **kw_eval)
         result = train.train(base_model, tcfg, out / name, batches=batches, val_rows=val_rows, desc=name)
         params[name] = result["state"].params
     return params
+
+
+def fit_filter(base_train, out: pathlib.Path, gen_length: int, block: int, progress: bool):
+    """The Learn2PD filter for the masked-diffusion model (reloaded when --out already has it)."""
+    path = out / FILTER
+    if not (path / "filter.json").exists():
+        tcfg = dataclasses.replace(base_train, objective="learn2pd", init_from=str(out / "masked_diffusion"),
+                                   steps=300, lr=1e-2, filter_gen_length=gen_length, filter_block_length=block)
+        learn2pd.train_filter(tcfg, path, progress=progress)
+    return learn2pd.load_filter(path)
 
 
 def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, block=16, batch=4, prompt_len=32,
@@ -96,8 +134,13 @@ def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, blo
     tokenizer = data.get_tokenizer(base_train.tokenizer)
     batches, val_rows = data.corpus(base_train, tokenizer)
     table = {k: v for k, v in decoders(gen_length, block).items() if only is None or k in only}
-    params = train_models(base_model, base_train, out, batches, val_rows,
-                          sorted({"ar"} | {m for m, _, _ in table.values()}))
+    needed = {"ar"} | {m for m, _, _ in table.values()}
+    needed |= {"masked_diffusion"} if FILTER in needed else set()
+    needed |= {OBJECTIVES[m]["from"] for m in needed - {FILTER} if "from" in OBJECTIVES[m]}
+    params = train_models(base_model, base_train, out, batches, val_rows, needed - {FILTER})
+    if FILTER in needed:
+        params[FILTER] = {"lm": params["masked_diffusion"],
+                          "filter": fit_filter(base_train, out, gen_length, block, progress)}
     prompt = jnp.asarray(np.asarray(val_rows[:batch, :prompt_len], np.int32))
     key = jax.random.key(0)
     rows, outputs = [], {}

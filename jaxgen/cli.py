@@ -42,29 +42,57 @@ def _load_model(args):
     return cfg, params, tok
 
 
+SAMPLERS = ("ar", "masked_diffusion", "block_diffusion", "dream", "lavida", "nbdiff", "wedlm", "tidar")
+
+
+def _sampler_call(args, params, cfg, prompt, key):
+    """Run the sampler `--sampler` names with the flags that apply to it."""
+    import importlib
+    module = importlib.import_module(f"jaxgen.samplers.{args.sampler}")
+    n, steps, block = args.gen_length, args.steps, args.block_length
+    common = dict(temperature=args.temperature)
+    if args.sampler == "ar":
+        return module.generate(params, cfg, prompt, key, max_new_tokens=n, top_k=args.top_k, top_p=args.top_p, **common)
+    if args.sampler == "masked_diffusion":
+        rule = {}
+        if args.filter:
+            from jaxgen.samplers import learn2pd
+            rule = dict(commit_filter=learn2pd.load_filter(args.filter), filter_threshold=args.threshold or 0.5)
+        elif args.threshold is not None:
+            rule = dict(threshold=args.threshold)
+        return module.generate(params, cfg, prompt, key, gen_length=n, steps=steps or n, block_length=block,
+                               remasking=args.remasking or "low_confidence", cache=args.cache, eotp=args.eotp,
+                               **rule, **common)
+    if args.sampler == "block_diffusion":
+        return module.generate(params, cfg, prompt, key, gen_length=n, block_length=block,
+                               denoising_steps=steps or block, top_k=args.top_k, top_p=args.top_p,
+                               remasking=args.remasking or "low_confidence_dynamic",
+                               threshold=0.9 if args.threshold is None else args.threshold, **common)
+    if args.sampler == "dream":
+        return module.generate(params, cfg, prompt, key, gen_length=n, steps=steps or n, alg=args.alg or "origin",
+                               top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None, **common)
+    if args.sampler == "lavida":
+        return module.generate(params, cfg, prompt, key, gen_length=n, steps=steps or n, block_length=block,
+                               remasking=args.remasking or "low_confidence", **common)
+    if args.sampler == "nbdiff":
+        return module.generate(params, cfg, prompt, key, gen_length=n, block_length=block,
+                               alg=args.alg or "confidence_threshold",
+                               threshold=0.9 if args.threshold is None else args.threshold, **common)
+    if args.sampler == "wedlm":
+        return module.generate(params, cfg, prompt, key, gen_length=n, window_size=block, entropy_threshold=0.4 if args.threshold is None else args.threshold,
+                               top_k=args.top_k, top_p=args.top_p, **common)
+    return module.generate(params, cfg, prompt, key, gen_length=n, draft_length=block, **common)
+
+
 def _sample(args):
     import jax
     import numpy as np
     from jaxgen import data
-    from jaxgen.samplers import ar, block_diffusion, masked_diffusion
     cfg, params, tok_name = _load_model(args)
     tokenizer = data.get_tokenizer(args.tokenizer or tok_name)
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + list(tokenizer.encode(args.prompt))
     prompt = np.asarray([ids] * args.batch, np.int32)
-    key = jax.random.key(args.seed)
-    if args.sampler == "ar":
-        out = ar.generate(params, cfg, prompt, key, max_new_tokens=args.gen_length, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p)
-    elif args.sampler == "masked_diffusion":
-        out = masked_diffusion.generate(params, cfg, prompt, key, gen_length=args.gen_length,
-                                        steps=args.steps or args.gen_length, block_length=args.block_length,
-                                        temperature=args.temperature, remasking=args.remasking or "low_confidence")
-    else:
-        out = block_diffusion.generate(params, cfg, prompt, key, gen_length=args.gen_length,
-                                       block_length=args.block_length, denoising_steps=args.steps or args.block_length,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       remasking=args.remasking or "low_confidence_dynamic",
-                                       threshold=args.threshold)
+    out = _sampler_call(args, params, cfg, prompt, jax.random.key(args.seed))
     for row in np.asarray(out.tokens):
         print(repr(tokenizer.decode(row)))
     print(f"nfe={int(out.nfe)}")
@@ -132,17 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run")
     s.add_argument("--hf")
     s.add_argument("--tokenizer", help="bytes or a tokenizer.json (default: the run's)")
-    s.add_argument("--sampler", choices=("ar", "masked_diffusion", "block_diffusion"), default="ar")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ar", help="a module of jaxgen.samplers")
     s.add_argument("--prompt", default="def ")
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--gen-length", type=int, default=64)
     s.add_argument("--steps", type=int, default=0)
-    s.add_argument("--block-length", type=int, default=16)
+    s.add_argument("--block-length", type=int, default=16,
+                   help="block (masked/block diffusion, lavida, nbdiff), window (wedlm), draft length (tidar)")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--remasking")
-    s.add_argument("--threshold", type=float, default=0.9)
+    s.add_argument("--threshold", type=float, help="masked_diffusion: Fast-dLLM threshold (or the filter's tau); "
+                   "block_diffusion/nbdiff: commit threshold (default 0.9); wedlm: entropy threshold")
+    s.add_argument("--cache", choices=("prefix", "dual", "dkv_decode"), help="masked_diffusion only")
+    s.add_argument("--alg", help="dream / nbdiff: origin, maskgit_plus, topk_margin, entropy, confidence_threshold")
+    s.add_argument("--filter", help="masked_diffusion: a Learn2PD filter folder (jaxgen train --objective learn2pd)")
+    s.add_argument("--eotp", action="store_true", help="masked_diffusion: stop after End-of-Text (Learn2PD EoTP)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_sample)
 

@@ -21,6 +21,12 @@ def test_train_sample_eval_convert(tmp_path, data_dir, capsys):
     assert cli.main(["sample", "--run", out, "--sampler", "masked_diffusion", "--gen-length", "8",
                      "--block-length", "4"]) == 0
     assert cli.main(["sample", "--run", out, "--sampler", "ar", "--gen-length", "4"]) == 0
+    for sampler, extra in [("masked_diffusion", ["--threshold", "0.5", "--cache", "dual", "--eotp"]),
+                           ("dream", ["--steps", "4", "--alg", "entropy"]), ("lavida", ["--steps", "4"]),
+                           ("nbdiff", []), ("wedlm", []), ("tidar", [])]:
+        assert cli.main(["sample", "--run", out, "--sampler", sampler, "--gen-length", "8", "--block-length", "4",
+                         *extra]) == 0, sampler
+        assert "nfe=" in capsys.readouterr().out
     assert cli.main(["eval", "--run", out, "--batches", "1"]) == 0
     assert "bits/byte" in capsys.readouterr().out
     assert cli.main(["convert", "--run", out, "--to-hf", str(tmp_path / "hf")]) == 0

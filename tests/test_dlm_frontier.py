@@ -6,6 +6,9 @@ import pathlib
 import pytest
 
 
+NAMES = ["AR greedy", "LLaDA", "Fast-dLLM threshold 0.9 + dual", "Learn2PD filter 0.9", "NBDiff threshold 0.9"]
+
+
 @pytest.mark.slow
 def test_frontier_writes_json_and_plot(tmp_path, data_dir):
     path = pathlib.Path(__file__).parents[1] / "experiments" / "dlm_frontier.py"
@@ -14,11 +17,12 @@ def test_frontier_writes_json_and_plot(tmp_path, data_dir):
     spec.loader.exec_module(frontier)
     out = tmp_path / "frontier"
     frontier.run(out_dir=out, steps=2, gen_length=8, block=8, batch=2, prompt_len=8, repeats=1, progress=False,
-                 data_dir=data_dir, only=["AR greedy", "LLaDA", "Fast-dLLM threshold 0.9 + dual"],
+                 data_dir=data_dir, only=NAMES,
                  overrides=["hidden_size=32", "num_layers=1", "mlp_dim=64", "seq_len=32", "batch_size=4",
-                            "max_files=30", "eval_batches=1"])
+                            "max_files=30", "eval_batches=1", "filter_rollouts=4"])
     rows = json.loads((out / "frontier.json").read_text())["rows"]
-    assert [r["decoder"] for r in rows] == ["AR greedy", "LLaDA", "Fast-dLLM threshold 0.9 + dual"]
+    assert [r["decoder"] for r in rows] == NAMES
+    assert (out / "learn2pd" / "filter.json").exists() and (out / "nbdiff" / "run_config.json").exists()
     assert all(r["nfe"] > 0 and r["tokens_per_s"] > 0 and r["bits_per_byte"] > 0 for r in rows)
     assert rows[2]["agreement"] is not None and rows[2]["speedup_vs_baseline"] > 0
     assert (out / "frontier.png").stat().st_size > 1000
