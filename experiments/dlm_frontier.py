@@ -1,11 +1,12 @@
 """Speed vs quality of every diffusion-LM decoder in jaxgen, on models trained here.
 
-Trains (or reloads from --out) small models on the offline python_stdlib corpus, one per
-objective the decoders need: an AR model (the AR baseline and the quality judge), masked
-diffusion (LLaDA, Fast-dLLM, dKV-Cache, Learn2PD), block diffusion (SDAR, BD3-LM), TiDAR, and two
-models adapted from the AR weights (`init_from`, a third of the steps): NBDiff (block-size
-curriculum from 1 plus the auxiliary AR loss) and Efficient-DLM (position-dependent masking).
-The Learn2PD filter is then fitted on oracle rollouts of the masked-diffusion model.
+Trains (or reloads from --out) small models on the offline python_stdlib corpus: an AR model
+for --steps (the AR baseline and the quality judge), then one model per objective the decoders
+need, each adapted from the AR weights (`init_from`) for --adapt-steps (default steps / 5), as
+Dream, SDAR, NBDiff, Efficient-DLM and TiDAR are: masked diffusion (LLaDA, Fast-dLLM, dKV-Cache,
+Learn2PD), block diffusion (SDAR, BD3-LM), TiDAR, NBDiff (block-size curriculum from 1 plus the
+auxiliary AR loss) and Efficient-DLM (position-dependent masking). The Learn2PD filter is then
+fitted on oracle rollouts of the masked-diffusion model.
 
 For each decoder it measures NFE, tokens per NFE, tokens/s (median of --repeats timed runs after
 one compile run), bits per byte of the generated continuation under the AR model, and token
@@ -36,13 +37,13 @@ import numpy as np
 from jaxgen import config, data, model, train
 from jaxgen.samplers import ar, block_diffusion, learn2pd, masked_diffusion, nbdiff, tidar
 
-OBJECTIVES = {  # model name -> TrainConfig overrides; "from": adapt that model's weights (a third of the steps)
+OBJECTIVES = {  # model name -> TrainConfig overrides; every model but the AR one is adapted from the AR weights
     "ar": dict(objective="ar"),
     "masked_diffusion": dict(objective="masked_diffusion"),
     "block_diffusion": dict(objective="block_diffusion", block_size=4),
     "tidar": dict(objective="tidar", block_size=4),
-    "nbdiff": dict(objective="nbdiff", block_size=8, curriculum="half", **{"from": "ar"}),
-    "efficient_dlm": dict(objective="efficient_dlm", block_size=4, position_mask_beta=1.0, **{"from": "ar"}),
+    "nbdiff": dict(objective="nbdiff", block_size=8, curriculum="half"),
+    "efficient_dlm": dict(objective="efficient_dlm", block_size=4, position_mask_beta=1.0),
 }
 FILTER = "learn2pd"  # pseudo-model: the masked-diffusion params plus the Learn2PD filter fitted on them
 
@@ -94,15 +95,13 @@ def ar_bits_per_byte(ar_params, cfg, tokens, prompt_len: int) -> float:
     return float(jnp.mean(nll)) / math.log(2)
 
 
-def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, names):
-    """Train (or reload) each model; adapted models start from their source model's weights."""
+def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, names, adapt_steps: int):
+    """Train (or reload) the AR model, then adapt each diffusion model from its weights."""
     params = {}
-    names = sorted(names, key=lambda n: "from" in OBJECTIVES[n])  # sources first
-    for name in names:
+    for name in sorted(names, key=lambda n: n != "ar"):
         kw = dict(OBJECTIVES[name])
-        if "from" in kw:
-            kw["init_from"] = str(out / kw.pop("from"))
-            kw["steps"] = max(1, base_train.steps // 3)
+        if name != "ar":
+            kw.update(init_from=str(out / "ar"), steps=adapt_steps)
         if kw.pop("curriculum", None):
             kw["curriculum_steps"] = max(1, kw.get("steps", base_train.steps) // 2)
         tcfg = dataclasses.replace(base_train, **kw)
@@ -124,7 +123,7 @@ def fit_filter(base_train, out: pathlib.Path, gen_length: int, block: int, progr
 
 
 def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, block=16, batch=4, prompt_len=32,
-        repeats=3, only=None, progress=True, data_dir: str = "", overrides=()) -> dict:
+        repeats=3, only=None, progress=True, data_dir: str = "", overrides=(), adapt_steps: int = 0) -> dict:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_model, base_train = config.preset(preset)
@@ -136,8 +135,8 @@ def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, blo
     table = {k: v for k, v in decoders(gen_length, block).items() if only is None or k in only}
     needed = {"ar"} | {m for m, _, _ in table.values()}
     needed |= {"masked_diffusion"} if FILTER in needed else set()
-    needed |= {OBJECTIVES[m]["from"] for m in needed - {FILTER} if "from" in OBJECTIVES[m]}
-    params = train_models(base_model, base_train, out, batches, val_rows, needed - {FILTER})
+    params = train_models(base_model, base_train, out, batches, val_rows, needed - {FILTER},
+                          adapt_steps or max(1, steps // 5))
     if FILTER in needed:
         params[FILTER] = {"lm": params["masked_diffusion"],
                           "filter": fit_filter(base_train, out, gen_length, block, progress)}
@@ -172,7 +171,8 @@ def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, blo
         base = next((b for b in rows if b["decoder"] == r["baseline"]), None)
         r["speedup_vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["bpb_change_vs_baseline"] = r["bits_per_byte"] / base["bits_per_byte"] - 1 if base else None
-    result = {"preset": preset, "steps": steps, "gen_length": gen_length, "block_length": block, "batch": batch,
+    result = {"preset": preset, "steps": steps, "adapt_steps": adapt_steps or max(1, steps // 5),
+              "gen_length": gen_length, "block_length": block, "batch": batch,
               "prompt_len": prompt_len, "repeats": repeats, "device": jax.devices()[0].device_kind, "rows": rows}
     (out / "frontier.json").write_text(json.dumps(result, indent=2))
     plot(rows, out / "frontier.png")
@@ -221,7 +221,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/dlm_frontier")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=400, help="AR model steps")
+    p.add_argument("--adapt-steps", type=int, default=0, help="steps adapting each diffusion model from the AR "
+                   "weights (default: steps / 5)")
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--block-length", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
@@ -230,7 +232,7 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model/train config overrides")
     a = p.parse_args(argv)
     run(a.out, a.preset, a.steps, a.gen_length, a.block_length, a.batch, a.prompt_len, a.repeats,
-        overrides=a.overrides)
+        overrides=a.overrides, adapt_steps=a.adapt_steps)
 
 
 if __name__ == "__main__":
