@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
-from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, logits_from_hidden
-from jaxgen.objectives.common import cross_entropy, loss_and_prompt_masks, sample_t
+from jaxgen.objectives.common import block_batch, cross_entropy, sample_t
 from jaxgen.objectives.masked_diffusion import corrupt
 
 
@@ -34,13 +33,8 @@ def position_mask_prob(t_Bn, block_size: int, beta: float, eps: float = 1e-3):
 
 def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, antithetic: bool = True,
          position_beta: float | None = None):
-    if cfg.mask_id is None:
-        raise JaxgenError("block diffusion needs cfg.mask_id (the [MASK] token id)")
-    tokens = batch["tokens"]
+    tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, "block diffusion")
     B, L = tokens.shape
-    if L % block_size:
-        raise JaxgenError(f"sequence length {L} is not a multiple of block_size={block_size}")
-    loss_mask, prompt = loss_and_prompt_masks(batch)
     k_t, k_mask = jax.random.split(key)
     nb = L // block_size
     t_Bn = sample_t(k_t, B * nb, eps, antithetic).reshape(B, nb)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxgen.errors import JaxgenError
+
 
 def cross_entropy(logits_BLV, targets_BL):
     """Per-token cross-entropy in float32."""
@@ -18,6 +20,17 @@ def loss_and_prompt_masks(batch):
     prompt = batch.get("prompt_mask")
     prompt = jnp.zeros(tokens.shape, bool) if prompt is None else prompt.astype(bool)
     return loss_mask, prompt
+
+
+def block_batch(cfg, batch, block_size: int, what: str):
+    """(tokens, loss_mask, prompt) of a block objective's batch, checking what every block
+    objective needs: a [MASK] id and a length that is a multiple of the block."""
+    if cfg.mask_id is None:
+        raise JaxgenError(f"{what} needs cfg.mask_id (the [MASK] token id)")
+    tokens = batch["tokens"]
+    if tokens.shape[1] % block_size:
+        raise JaxgenError(f"sequence length {tokens.shape[1]} is not a multiple of block_size={block_size}")
+    return (tokens,) + loss_and_prompt_masks(batch)
 
 
 def sample_t(key, n: int, eps: float, antithetic: bool):

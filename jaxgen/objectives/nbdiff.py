@@ -23,21 +23,16 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import cross_entropy, loss_and_prompt_masks, sample_t
+from jaxgen.objectives.common import block_batch, cross_entropy, sample_t
 from jaxgen.objectives.masked_diffusion import corrupt
 
 
 def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, antithetic: bool = True,
          aux_ar_weight: float = 1.0):
-    if cfg.mask_id is None:
-        raise JaxgenError("NBDiff training needs cfg.mask_id (the [MASK] token id)")
     if aux_ar_weight < 0:
         raise JaxgenError(f"aux_ar_weight={aux_ar_weight} must be >= 0")
-    tokens = batch["tokens"]
+    tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, "NBDiff training")
     B, L = tokens.shape
-    if L % block_size:
-        raise JaxgenError(f"sequence length {L} is not a multiple of block_size={block_size}")
-    loss_mask, prompt = loss_and_prompt_masks(batch)
     answer = loss_mask * ~prompt
     k_t, k_mask = jax.random.split(key)
     t_Bn = sample_t(k_t, B * (L // block_size), eps, antithetic).reshape(B, L // block_size)

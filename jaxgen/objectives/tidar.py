@@ -15,20 +15,15 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import cross_entropy, loss_and_prompt_masks
+from jaxgen.objectives.common import block_batch, cross_entropy
 
 
 def loss(params, cfg, batch, key, *, block_size: int = 8, alpha: float = 1.0):
     del key  # deterministic: the diffusion half is fully masked
-    if cfg.mask_id is None:
-        raise JaxgenError("TiDAR training needs cfg.mask_id (the [MASK] token id)")
     if alpha < 0:
         raise JaxgenError(f"tidar alpha={alpha} must be >= 0")
-    tokens = batch["tokens"]
+    tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, "TiDAR training")
     B, L = tokens.shape
-    if L % block_size:
-        raise JaxgenError(f"sequence length {L} is not a multiple of block_size={block_size}")
-    loss_mask, prompt = loss_and_prompt_masks(batch)
     answer = loss_mask * ~prompt
     inputs = jnp.concatenate([tokens, jnp.full_like(tokens, cfg.mask_id)], axis=1)
     positions = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), 2), (B, 2 * L))
