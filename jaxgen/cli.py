@@ -18,8 +18,10 @@ def _train(args):
     if train_cfg.objective == "learn2pd":
         from jaxgen.samplers import learn2pd
         m = learn2pd.train_filter(train_cfg, args.out, progress=train_cfg.progress)["metrics"]
-        print(f"Learn2PD filter: BCE {m['first_bce']:.4f} -> {m['train_bce']:.4f} (held out {m['val_bce']:.4f}), "
-              f"precision {m['precision']:.3f}, recall {m['recall']:.3f} on {m['records']} steps; "
+        print(f"Learn2PD filter: BCE {m['first_bce']:.4f} -> {m['fit_bce']:.4f} (early-stopped at step "
+              f"{m['best_step']}, held-out {m['val_bce']:.4f}, test {m['test_bce']:.4f}); test precision "
+              f"{m['test_precision']:.3f}, recall {m['test_recall']:.3f} at positive rate "
+              f"{m['test_positive_rate']:.3f}, over {m['records']} step records; "
               f"saved to {args.out} (load with jaxgen.samplers.learn2pd.load_filter)")
         return
     result = train.train(model_cfg, train_cfg, args.out, fresh=args.fresh)

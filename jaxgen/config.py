@@ -91,14 +91,14 @@ class TrainConfig:
     # objective knobs
     block_size: int = 4  # block diffusion; TiDAR draft block
     tidar_alpha: float = 1.0  # TiDAR: weight of the AR loss against the diffusion loss
-    aux_ar_weight: float = 1.0  # NBDiff: weight of the auxiliary AR loss on the clean stream
+    aux_ar_weight: float = 1.0  # NBDiff, WeDLM: weight of the auxiliary AR loss on the clean stream
     curriculum_steps: int = 0  # block objectives: grow the block 1, 2, 4, .. block_size over these steps
     position_mask_beta: float = 1.0  # Efficient-DLM: w_i(t) = exp(beta (1 - t) i) inside a block
     init_from: str = ""  # a jaxgen train folder whose latest params start this run (AR -> dLM adaptation)
     # Learn2PD filter (objective=learn2pd; init_from = the masked-diffusion model it serves)
     filter_gen_length: int = 64  # answer tokens decoded per rollout; the prompt is the rest of seq_len
     filter_block_length: int = 16  # the decode block (and the filter's input width)
-    filter_rollouts: int = 64  # reference decodes that make the training set
+    filter_rollouts: int = 256  # reference decodes: 80% fit the filter, 10% early-stop it, 10% test it
     antithetic: bool = True
     sampling_eps: float = 1e-3
     meap_ratio: float = 0.0  # AR + MEAP: fraction of inputs replaced by MASK
@@ -128,13 +128,16 @@ class TrainConfig:
             if gen <= 0 or block <= 0 or gen % block or gen >= self.seq_len:
                 raise ConfigError(f"filter_gen_length={gen} must be a positive multiple of filter_block_length="
                                   f"{block} and shorter than seq_len={self.seq_len} (the rest is the prompt)")
+            if self.filter_rollouts < 3:
+                raise ConfigError(f"filter_rollouts={self.filter_rollouts} must be >= 3 (fit, early-stopping and "
+                                  "test rollouts)")
         if not 0.0 <= self.meap_ratio < 1.0:
             raise ConfigError(f"meap_ratio={self.meap_ratio} must be in [0, 1)")
 
 
 OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar", "lavida", "nbdiff", "efficient_dlm",
-              "learn2pd")
-BLOCK_OBJECTIVES = ("block_diffusion", "tidar", "nbdiff", "efficient_dlm")  # use block_size
+              "learn2pd", "wedlm", "dream")
+BLOCK_OBJECTIVES = ("block_diffusion", "tidar", "nbdiff", "efficient_dlm", "wedlm")  # use block_size
 
 
 def curriculum_block_sizes(block_size: int, curriculum_steps: int) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ class Layout:
     block: int = 1
     prefix_len: int = 0
     causal_suffix: bool = False
+    causal_block: bool = False  # ar_diffusion: causal (not bidirectional) inside a noisy block
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -35,6 +36,8 @@ class Layout:
             raise ConfigError(f"block size {self.block} must be positive")
         if self.prefix_len < 0:
             raise ConfigError(f"prefix length {self.prefix_len} must be >= 0")
+        if self.causal_block and self.kind != "ar_diffusion":
+            raise ConfigError(f"causal_block applies to the ar_diffusion layout, not {self.kind!r}")
 
     @property
     def two_stream(self) -> bool:
@@ -64,6 +67,8 @@ class Layout:
             clean_causal = ~q_mask & ~k_mask & (k <= q)
             mask_sees_clean_past = q_mask & ~k_mask & (kb < qb)
             mask_same_block = q_mask & k_mask & (kb == qb)
+            if self.causal_block:
+                mask_same_block = mask_same_block & (k <= q)
             return clean_causal | mask_sees_clean_past | mask_same_block
         # dual_stream: [x_t | x_0], each of length n, sharing positions 0..n-1.
         q_clean, k_clean = q >= n, k >= n
@@ -108,8 +113,9 @@ def prefix(prefix_len: int, causal_suffix: bool = False) -> Layout:
     return Layout("prefix", prefix_len=prefix_len, causal_suffix=causal_suffix)
 
 
-def ar_diffusion(block: int) -> Layout:
-    """TiDAR joint training over [x | MASK] (shared positions): the clean stream is causal (AR
-    loss); each MASK block attends bidirectionally within itself and to the clean tokens before
-    the block (diffusion drafting of the next block)."""
-    return Layout("ar_diffusion", block=block)
+def ar_diffusion(block: int, causal_block: bool = False) -> Layout:
+    """TiDAR/NBDiff joint training over [x | x_t] (shared positions): the clean stream is causal
+    (AR loss); each noisy block attends to the clean tokens before the block and within itself,
+    bidirectionally, or causally in physical order with `causal_block` (WeDLM's dual-stream
+    masking, whose noisy blocks are reordered observed-first)."""
+    return Layout("ar_diffusion", block=block, causal_block=causal_block)

@@ -173,7 +173,8 @@ def test_train_filter_from_the_cli(tmp_path, data_dir, capsys):
                      "filter_gen_length=16", "filter_block_length=8", "filter_rollouts=6", "lr=0.01"] + small) == 0
     record = json.loads((out / "filter.json").read_text())
     m = record["metrics"]
-    assert record["block_length"] == 8 and m["train_bce"] < m["first_bce"] and 0 <= m["precision"] <= 1
+    assert record["block_length"] == 8 and m["fit_bce"] < m["first_bce"] and 0 <= m["test_precision"] <= 1
+    assert m["val_bce"] <= m["first_bce"] + 1.0 and 0 <= m["best_step"] < 200 and np.isfinite(m["test_bce"])
     filt = learn2pd.load_filter(out)
     from jaxgen import runs
     cfg, _, params = runs.load_run(base)
@@ -184,3 +185,29 @@ def test_train_filter_from_the_cli(tmp_path, data_dir, capsys):
     assert "filter" in capsys.readouterr().out
     with pytest.raises(JaxgenError, match="no Learn2PD filter"):
         learn2pd.load_filter(base)
+
+
+def test_fit_filter_stops_early_on_the_held_out_rollouts():
+    """Fit labels that contradict the held-out ones: the held-out BCE soon rises, and early
+    stopping hands back the params of its lowest point; with agreeing labels it trains on."""
+    rng = np.random.RandomState(0)
+    feats = jnp.asarray(rng.uniform(size=(64, 8)), jnp.float32)
+    labels = feats > 0.5
+    valid = jnp.ones((64, 8), bool)
+    init = learn2pd.init_filter(8, jax.random.key(1))
+    kw = dict(steps=50, lr=0.05, weight_decay=0.01)
+    kept, _, val_losses, best = learn2pd.fit_filter(init, (feats, ~labels, valid), (feats, labels, valid), **kw)
+    val_losses = np.asarray(val_losses)
+    assert int(best) < 10 and val_losses[-1] > val_losses[best] == val_losses.min()
+    np.testing.assert_allclose(learn2pd.bce_loss(kept, feats, labels, valid), val_losses[best], rtol=1e-6)
+    fitted, losses, val_losses, best = learn2pd.fit_filter(init, (feats, labels, valid), (feats, labels, valid), **kw)
+    assert int(best) == 49 and float(val_losses[best]) < float(val_losses[0]) and losses[-1] < losses[0]
+
+
+def test_records_split_by_whole_rollouts():
+    records = jnp.repeat(jnp.arange(20), 3)[:, None]  # 20 rollouts of 3 step records
+    fit, val, test = learn2pd.split_by_rollout((records,), 20)
+    ids = [set(np.asarray(part[0])[:, 0].tolist()) for part in (fit, val, test)]
+    assert ids == [set(range(16)), {16, 17}, {18, 19}]
+    with pytest.raises(JaxgenError, match="filter_rollouts=2"):
+        learn2pd.split_by_rollout((records[:6],), 2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 from jaxgen.errors import JaxgenError
-from jaxgen.objectives import ar, block_diffusion, masked_diffusion, nbdiff, tidar  # noqa: F401
+from jaxgen.objectives import ar, block_diffusion, masked_diffusion, nbdiff, tidar, wedlm  # noqa: F401
 
 
 def for_train_config(tcfg, block_size: int | None = None):
@@ -19,6 +19,9 @@ def for_train_config(tcfg, block_size: int | None = None):
         return functools.partial(ar.loss, meap_ratio=tcfg.meap_ratio)
     if tcfg.objective == "masked_diffusion":
         return functools.partial(masked_diffusion.loss, eps=tcfg.sampling_eps, antithetic=tcfg.antithetic)
+    if tcfg.objective == "dream":
+        return functools.partial(masked_diffusion.loss, eps=tcfg.sampling_eps, antithetic=tcfg.antithetic,
+                                 shift=True)
     if tcfg.objective == "lavida":
         return functools.partial(masked_diffusion.loss, eps=tcfg.sampling_eps, antithetic=tcfg.antithetic,
                                  complementary=True, prefix_lm=True)
@@ -26,6 +29,9 @@ def for_train_config(tcfg, block_size: int | None = None):
         return functools.partial(tidar.loss, block_size=block_size, alpha=tcfg.tidar_alpha)
     if tcfg.objective == "nbdiff":
         return functools.partial(nbdiff.loss, block_size=block_size, eps=tcfg.sampling_eps,
+                                 antithetic=tcfg.antithetic, aux_ar_weight=tcfg.aux_ar_weight)
+    if tcfg.objective == "wedlm":
+        return functools.partial(wedlm.loss, block_size=block_size, eps=tcfg.sampling_eps,
                                  antithetic=tcfg.antithetic, aux_ar_weight=tcfg.aux_ar_weight)
     if tcfg.objective in ("block_diffusion", "efficient_dlm"):
         beta = tcfg.position_mask_beta if tcfg.objective == "efficient_dlm" else None

@@ -11,6 +11,10 @@ supervised once per pair; the copy's masking rate is 1 - t and its CE is weighte
 (our reading: the spec says the weighting follows `forward_process`). `prefix_lm=True` lets the
 prompt (`prompt_mask`) attend only to itself, which `jaxgen.samplers.lavida` relies on to
 encode the prompt once.
+
+Dream (`shift=True`, objective "dream"): the output at position i - 1 predicts token i, as in the
+AR model Dream starts from and as `jaxgen.samplers.dream` reads it; position 0 is never noised.
+Dream's context-adaptive reweighting (CART) is not implemented: masked tokens keep LLaDA's 1 / t.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def prefix_lm_mask(prompt_BL):
 
 
 def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True, complementary: bool = False,
-         prefix_lm: bool = False):
+         prefix_lm: bool = False, shift: bool = False):
     if cfg.mask_id is None:
         raise JaxgenError("masked diffusion needs cfg.mask_id (the [MASK] token id)")
     tokens = batch["tokens"]
@@ -44,6 +48,8 @@ def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True,
     k_t, k_mask = jax.random.split(key)
     t_B = sample_t(k_t, B, eps, antithetic)
     noisable = (loss_mask > 0) & ~prompt
+    if shift:  # nothing predicts position 0
+        noisable = noisable & (jnp.arange(L) > 0)
     noisy, masked = corrupt(tokens, t_B[:, None], noisable, k_mask, cfg.mask_id)
     if complementary:  # the inverse mask over noisable tokens, as a second copy of every row
         inverse = noisable & ~masked
@@ -53,6 +59,8 @@ def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True,
         tokens, loss_mask, prompt = (jnp.concatenate([a, a]) for a in (tokens, loss_mask, prompt))
     chunk_mask = prefix_lm_mask(prompt) if prefix_lm else None
     logits, _ = forward(params, cfg, noisy, layout=layouts.full(), chunk_mask_BLL=chunk_mask)
+    if shift:  # row i reads the output at i - 1 (row 0 is never noised)
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     ce = cross_entropy(logits, tokens)
     weighted = jnp.where(masked, ce / t_B[:, None], 0.0)
     answer = loss_mask * (~prompt)
