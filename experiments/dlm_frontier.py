@@ -3,23 +3,21 @@
 Trains (or reloads from --out) small models on the offline python_stdlib corpus: an AR model
 for --steps (the AR baseline and the quality judge), then one model per objective the decoders
 need, each adapted from the AR weights (`init_from`) for --adapt-steps (default steps / 5), as
-Dream, SDAR, NBDiff, Efficient-DLM and TiDAR are: masked diffusion (LLaDA, Fast-dLLM, dKV-Cache,
-Learn2PD), block diffusion (SDAR, BD3-LM), TiDAR, NBDiff (block-size curriculum from 1 plus the
-auxiliary AR loss) and Efficient-DLM (position-dependent masking). The Learn2PD filter is then
-fitted on oracle rollouts of the masked-diffusion model.
+Dream, SDAR, NBDiff, Efficient-DLM, TiDAR and WeDLM are: masked diffusion (LLaDA, Fast-dLLM,
+dKV-Cache, Learn2PD), Dream (shifted logits), block diffusion (SDAR, BD3-LM), TiDAR, NBDiff
+(block-size curriculum from 1 plus the auxiliary AR loss), Efficient-DLM (position-dependent
+masking) and WeDLM (causal MASK prediction). The Learn2PD filter is then fitted on oracle
+rollouts of the masked-diffusion model.
 
 For each decoder it measures NFE, tokens per NFE, tokens/s (median of --repeats timed runs after
 one compile run), bits per byte of the generated continuation under the AR model, and token
 agreement with its baseline (LLaDA without cache for the masked-diffusion decoders, the same
-model's static/one-token-per-step decode for block decoders, greedy AR for TiDAR). Writes
+model's static/one-token-per-step decode for block decoders, greedy AR of the same model for
+TiDAR and WeDLM). Writes
 frontier.json and frontier.png (tokens/s against bits/byte) to --out.
 
     python experiments/dlm_frontier.py                    # 2 CPU cores: minutes
     python experiments/dlm_frontier.py --preset small --steps 4000 --gen-length 256   # accelerators
-
-Not covered here: WeDLM and Dream need models trained for them (MASK prediction under the causal
-layout; a shifted-logit full-attention model); their decoders are tested for exactness against
-references in tests/.
 """
 from __future__ import annotations
 
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import config, data, model, train
-from jaxgen.samplers import ar, block_diffusion, learn2pd, masked_diffusion, nbdiff, tidar
+from jaxgen.samplers import ar, block_diffusion, dream, learn2pd, masked_diffusion, nbdiff, tidar, wedlm
 
 OBJECTIVES = {  # model name -> TrainConfig overrides; every model but the AR one is adapted from the AR weights
     "ar": dict(objective="ar"),
@@ -44,6 +42,8 @@ OBJECTIVES = {  # model name -> TrainConfig overrides; every model but the AR on
     "tidar": dict(objective="tidar", block_size=4),
     "nbdiff": dict(objective="nbdiff", block_size=8, curriculum="half"),
     "efficient_dlm": dict(objective="efficient_dlm", block_size=4, position_mask_beta=1.0),
+    "dream": dict(objective="dream"),
+    "wedlm": dict(objective="wedlm", block_size=16),
 }
 FILTER = "learn2pd"  # pseudo-model: the masked-diffusion params plus the Learn2PD filter fitted on them
 
@@ -57,8 +57,11 @@ def decoders(gen_length: int, block: int):
     l2pd = lambda **kw: lambda p, c, x, k: masked_diffusion.generate(p["lm"], c, x, k, **md, commit_filter=p["filter"],
                                                                       **kw)
     nbd = lambda **kw: lambda p, c, x, k: nbdiff.generate(p, c, x, k, gen_length=gen_length, block_length=8, **kw)
+    drm = lambda steps, **kw: lambda p, c, x, k: dream.generate(p, c, x, k, gen_length=gen_length, steps=steps, **kw)
+    wed = lambda **kw: lambda p, c, x, k: wedlm.generate(p, c, x, k, gen_length=gen_length, **kw)
+    greedy = lambda p, c, x, k: ar.generate(p, c, x, k, max_new_tokens=gen_length)
     return {
-        "AR greedy": ("ar", None, lambda p, c, x, k: ar.generate(p, c, x, k, max_new_tokens=gen_length)),
+        "AR greedy": ("ar", None, greedy),
         "LLaDA": ("masked_diffusion", None, mdg()),
         "Fast-dLLM threshold 0.9": ("masked_diffusion", "LLaDA", mdg(threshold=0.9)),
         "Fast-dLLM factor 1.0": ("masked_diffusion", "LLaDA", mdg(factor=1.0)),
@@ -71,7 +74,10 @@ def decoders(gen_length: int, block: int):
                                                         cache_reloading_step=2)),
         "LLaDA + EoTP": ("masked_diffusion", "LLaDA", mdg(eotp=True)),
         "Learn2PD filter 0.9": (FILTER, "LLaDA", l2pd(filter_threshold=0.9)),
+        "Learn2PD filter 0.99": (FILTER, "LLaDA", l2pd(filter_threshold=0.99)),
         "Learn2PD filter 0.9 + EoTP + dual": (FILTER, "LLaDA", l2pd(filter_threshold=0.9, eotp=True, cache="dual")),
+        "Dream entropy (1 token/step)": ("dream", None, drm(gen_length, alg="entropy")),
+        "Dream entropy (2 tokens/step)": ("dream", "Dream entropy (1 token/step)", drm(gen_length // 2, alg="entropy")),
         "SDAR static": ("block_diffusion", None, bdg(remasking="low_confidence_static")),
         "SDAR dynamic 0.9": ("block_diffusion", "SDAR static", bdg(remasking="low_confidence_dynamic", threshold=0.9)),
         "BD3-LM first hitting (top-p 0.9)": ("block_diffusion", "SDAR static",
@@ -81,9 +87,12 @@ def decoders(gen_length: int, block: int):
                                       bdg(remasking="low_confidence_dynamic", threshold=0.9)),
         "NBDiff (1 token/step)": ("nbdiff", None, nbd(alg="origin")),
         "NBDiff threshold 0.9": ("nbdiff", "NBDiff (1 token/step)", nbd(alg="confidence_threshold", threshold=0.9)),
-        "TiDAR AR greedy": ("tidar", None, lambda p, c, x, k: ar.generate(p, c, x, k, max_new_tokens=gen_length)),
+        "TiDAR AR greedy": ("tidar", None, greedy),
         "TiDAR (draft 4)": ("tidar", "TiDAR AR greedy",
                             lambda p, c, x, k: tidar.generate(p, c, x, k, gen_length=gen_length, draft_length=4)),
+        "WeDLM AR greedy": ("wedlm", None, greedy),
+        "WeDLM 1 token/step": ("wedlm", "WeDLM AR greedy", wed(entropy_threshold=None)),
+        "WeDLM streaming (entropy 0.4)": ("wedlm", "WeDLM AR greedy", wed()),
     }
 
 
@@ -117,7 +126,7 @@ def fit_filter(base_train, out: pathlib.Path, gen_length: int, block: int, progr
     path = out / FILTER
     if not (path / "filter.json").exists():
         tcfg = dataclasses.replace(base_train, objective="learn2pd", init_from=str(out / "masked_diffusion"),
-                                   steps=300, lr=1e-2, filter_gen_length=gen_length, filter_block_length=block)
+                                   steps=1000, lr=1e-2, filter_gen_length=gen_length, filter_block_length=block)
         learn2pd.train_filter(tcfg, path, progress=progress)
     return learn2pd.load_filter(path)
 
