@@ -45,8 +45,24 @@ def test_dual_stream_matches_bd3_definition():
             assert m[q, k] == want, (q, k)
 
 
+def test_wedlm_ar_diffusion_is_causal_inside_noisy_blocks():
+    """[x | x_t]: the clean stream is causal; a noisy block sees the clean tokens before it and,
+    with causal_block, its own earlier rows only (bidirectionally without)."""
+    n, B = 8, 4
+    m = dense(layouts.ar_diffusion(B, causal_block=True), 2 * n)
+    bidir = dense(layouts.ar_diffusion(B), 2 * n)
+    for q in range(2 * n):
+        for k in range(2 * n):
+            qn, kn = q >= n, k >= n
+            qb, kb = (q % n) // B, (k % n) // B
+            want = (not qn and not kn and k <= q) or (qn and not kn and kb < qb) or (qn and kn and qb == kb and k <= q)
+            assert m[q, k] == want, (q, k)
+            assert bidir[q, k] == (want or (qn and kn and qb == kb)), (q, k)
+
+
 @pytest.mark.parametrize("layout", [layouts.causal(), layouts.full(), layouts.block_causal(3),
-                                    layouts.prefix(5), layouts.dual_stream(2)])
+                                    layouts.prefix(5), layouts.dual_stream(2),
+                                    layouts.ar_diffusion(3, causal_block=True)])
 def test_block_map_agrees_with_dense(layout):
     n = 12
     d = dense(layout, n)
@@ -62,6 +78,8 @@ def test_bad_layouts():
         layouts.block_causal(0)
     with pytest.raises(ConfigError, match="unknown layout"):
         layouts.Layout("sliding")
+    with pytest.raises(ConfigError, match="causal_block"):
+        layouts.Layout("dual_stream", block=4, causal_block=True)
 
 
 @pytest.mark.parametrize("layout", [layouts.causal(), layouts.full(), layouts.block_causal(4), layouts.prefix(5),
