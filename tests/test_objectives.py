@@ -94,6 +94,15 @@ def test_nbdiff_block_size_one_is_the_ar_loss(tiny_cfg, tiny_params):
     assert float(metrics["diffusion"]) == 0.0
 
 
+def block_noise(b, key, maskable):
+    """What a block objective draws from `key` for a [2, 16] batch in blocks of 4 (t antithetic=False):
+    (t per token, noisy tokens, masked) as numpy."""
+    k_t, k_mask = jax.random.split(key)
+    t = np.repeat(np.asarray(common.sample_t(k_t, 8, 1e-3, False)).reshape(2, 4), 4, 1)
+    noisy, masked = masked_diffusion.corrupt(b["tokens"], jnp.asarray(t), jnp.asarray(maskable), k_mask, 259)
+    return t, np.asarray(noisy), np.asarray(masked)
+
+
 def test_nbdiff_matches_manual_formula(tiny_cfg, tiny_params):
     """Context-causal noisy blocks, shifted targets (row j predicts token j + 1 inside the block),
     block-first tokens never masked, CE / t over maskable tokens, plus the AR loss."""
@@ -101,11 +110,8 @@ def test_nbdiff_matches_manual_formula(tiny_cfg, tiny_params):
     key = jax.random.key(5)
     value, _ = nbdiff.loss(tiny_params, tiny_cfg, b, key, block_size=4, antithetic=False, aux_ar_weight=0.5)
     toks = np.asarray(b["tokens"])
-    k_t, k_mask = jax.random.split(key)
-    t = np.repeat(np.asarray(common.sample_t(k_t, 8, 1e-3, False)).reshape(2, 4), 4, 1)
     maskable = np.broadcast_to(np.arange(16) % 4 != 0, (2, 16))
-    noisy, masked = masked_diffusion.corrupt(b["tokens"], jnp.asarray(t), jnp.asarray(maskable), k_mask, 259)
-    noisy, masked = np.asarray(noisy), np.asarray(masked)
+    t, noisy, masked = block_noise(b, key, maskable)
     assert masked.any() and not masked[:, ::4].any()
     diff = 0.0
     for j in range(15):
@@ -156,10 +162,7 @@ def test_wedlm_matches_decode_time_probes(tiny_cfg, tiny_params):
     key = jax.random.key(9)
     value, _ = wedlm.loss(tiny_params, tiny_cfg, b, key, block_size=4, antithetic=False, aux_ar_weight=0.5)
     toks = np.asarray(b["tokens"])
-    k_t, k_mask = jax.random.split(key)
-    t = np.repeat(np.asarray(common.sample_t(k_t, 8, 1e-3, False)).reshape(2, 4), 4, 1)
-    noisy, masked = masked_diffusion.corrupt(b["tokens"], jnp.asarray(t), jnp.ones((2, 16), bool), k_mask, 259)
-    noisy, masked = np.asarray(noisy), np.asarray(masked)
+    t, noisy, masked = block_noise(b, key, np.ones((2, 16), bool))
     assert masked.any() and not masked.all()
     diff = 0.0
     for row in range(2):

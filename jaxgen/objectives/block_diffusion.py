@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.model import forward, logits_from_hidden
-from jaxgen.objectives.common import block_batch, cross_entropy, sample_t
+from jaxgen.objectives.common import block_batch, cross_entropy, sample_block_t
 from jaxgen.objectives.masked_diffusion import corrupt
 
 
@@ -36,12 +36,9 @@ def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, ant
     tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, "block diffusion")
     B, L = tokens.shape
     k_t, k_mask = jax.random.split(key)
-    nb = L // block_size
-    t_Bn = sample_t(k_t, B * nb, eps, antithetic).reshape(B, nb)
-    if position_beta is None:
-        t_BL = jnp.repeat(t_Bn, block_size, axis=1)
-    else:
-        t_BL = position_mask_prob(t_Bn, block_size, position_beta, eps)
+    t_BL = sample_block_t(k_t, B, L, block_size, eps, antithetic)
+    if position_beta is not None:
+        t_BL = position_mask_prob(t_BL[:, ::block_size], block_size, position_beta, eps)
     noisy, masked = corrupt(tokens, t_BL, (loss_mask > 0) & ~prompt, k_mask, cfg.mask_id)
     positions = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), 2), (B, 2 * L))
     hidden, _ = forward(params, cfg, jnp.concatenate([noisy, tokens], axis=1), positions=positions,

@@ -40,3 +40,16 @@ def sample_t(key, n: int, eps: float, antithetic: bool):
     else:
         u = jax.random.uniform(key, (n,))
     return eps + (1.0 - eps) * u
+
+
+def sample_block_t(key, batch: int, length: int, block_size: int, eps: float, antithetic: bool):
+    """[B, L] diffusion times, one t per (row, block of `block_size` tokens), repeated over the block."""
+    n = length // block_size
+    return jnp.repeat(sample_t(key, batch * n, eps, antithetic).reshape(batch, n), block_size, axis=1)
+
+
+def next_token_ce(logits_BLV, tokens_BL, weight_BL):
+    """Weighted mean next-token CE: row j predicts token j + 1, weighted by that token's weight
+    (the clean-stream AR loss of the two-stream objectives)."""
+    w = weight_BL[:, 1:]
+    return (cross_entropy(logits_BLV[:, :-1], tokens_BL[:, 1:]) * w).sum() / jnp.maximum(w.sum(), 1.0)

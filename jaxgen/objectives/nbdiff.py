@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import block_batch, cross_entropy, sample_t
+from jaxgen.objectives.common import block_batch, cross_entropy, next_token_ce, sample_block_t
 from jaxgen.objectives.masked_diffusion import corrupt
 
 
@@ -35,17 +35,15 @@ def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, ant
     B, L = tokens.shape
     answer = loss_mask * ~prompt
     k_t, k_mask = jax.random.split(key)
-    t_Bn = sample_t(k_t, B * (L // block_size), eps, antithetic).reshape(B, L // block_size)
-    t_BL = jnp.repeat(t_Bn, block_size, axis=1)
+    t_BL = sample_block_t(k_t, B, L, block_size, eps, antithetic)
     maskable = (answer > 0) & (jnp.arange(L) % block_size != 0)  # a block's first token is known
     noisy, masked = corrupt(tokens, t_BL, maskable, k_mask, cfg.mask_id)
     positions = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), 2), (B, 2 * L))
     logits, _ = forward(params, cfg, jnp.concatenate([tokens, noisy], axis=1), positions=positions,
                         layout=layouts.ar_diffusion(block_size))
-    next_ce = lambda rows: cross_entropy(rows[:, : L - 1], tokens[:, 1:])  # row j predicts token j + 1
-    ar_w = answer[:, 1:]
-    ar = (next_ce(logits[:, :L]) * ar_w).sum() / jnp.maximum(ar_w.sum(), 1.0)
-    diff_terms = jnp.where(masked[:, 1:], next_ce(logits[:, L:]) / t_BL[:, 1:], 0.0)
+    ar = next_token_ce(logits[:, :L], tokens, answer)
+    next_ce = cross_entropy(logits[:, L:-1], tokens[:, 1:])  # row j of a noisy block predicts token j + 1
+    diff_terms = jnp.where(masked[:, 1:], next_ce / t_BL[:, 1:], 0.0)
     diff = diff_terms.sum() / jnp.maximum(maskable.sum(), 1.0)
     value = diff + aux_ar_weight * ar
     return value, {"loss": value, "ar_ce": ar, "diffusion": diff, "tokens": answer.sum()}

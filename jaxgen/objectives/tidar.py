@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import block_batch, cross_entropy
+from jaxgen.objectives.common import block_batch, cross_entropy, next_token_ce
 
 
 def loss(params, cfg, batch, key, *, block_size: int = 8, alpha: float = 1.0):
@@ -28,8 +28,7 @@ def loss(params, cfg, batch, key, *, block_size: int = 8, alpha: float = 1.0):
     inputs = jnp.concatenate([tokens, jnp.full_like(tokens, cfg.mask_id)], axis=1)
     positions = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), 2), (B, 2 * L))
     logits, _ = forward(params, cfg, inputs, positions=positions, layout=layouts.ar_diffusion(block_size))
-    ar_w = answer[:, 1:]
-    ar = (cross_entropy(logits[:, : L - 1], tokens[:, 1:]) * ar_w).sum() / jnp.maximum(ar_w.sum(), 1.0)
+    ar = next_token_ce(logits[:, :L], tokens, answer)
     diff = (cross_entropy(logits[:, L:], tokens) * answer).sum() / jnp.maximum(answer.sum(), 1.0)
     value = (alpha * ar + diff) / (1.0 + alpha)
     return value, {"loss": value, "ar_ce": ar, "diffusion_ce": diff, "tokens": answer.sum()}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import block_batch, cross_entropy, sample_t
+from jaxgen.objectives.common import block_batch, cross_entropy, next_token_ce, sample_block_t
 from jaxgen.objectives.masked_diffusion import corrupt
 
 
@@ -49,8 +49,7 @@ def loss(params, cfg, batch, key, *, block_size: int = 32, eps: float = 1e-3, an
     B, L = tokens.shape
     answer = loss_mask * ~prompt
     k_t, k_mask = jax.random.split(key)
-    t_Bn = sample_t(k_t, B * (L // block_size), eps, antithetic).reshape(B, L // block_size)
-    t_BL = jnp.repeat(t_Bn, block_size, axis=1)
+    t_BL = sample_block_t(k_t, B, L, block_size, eps, antithetic)
     noisy, masked = corrupt(tokens, t_BL, answer > 0, k_mask, cfg.mask_id)
     physical_BL = reorder_blocks(masked, block_size)
     reorder = lambda a: jnp.take_along_axis(a, physical_BL, axis=1)
@@ -58,8 +57,7 @@ def loss(params, cfg, batch, key, *, block_size: int = 32, eps: float = 1e-3, an
     logits, _ = forward(params, cfg, jnp.concatenate([tokens, reorder(noisy)], axis=1),
                         positions=jnp.concatenate([logical, physical_BL], axis=1),
                         layout=layouts.ar_diffusion(block_size, causal_block=True))
-    ar_w = answer[:, 1:]
-    ar = (cross_entropy(logits[:, : L - 1], tokens[:, 1:]) * ar_w).sum() / jnp.maximum(ar_w.sum(), 1.0)
+    ar = next_token_ce(logits[:, :L], tokens, answer)
     ce_BL, masked_phys = cross_entropy(logits[:, L:], reorder(tokens)), reorder(masked)
     diff = jnp.where(masked_phys, ce_BL / reorder(t_BL), 0.0).sum() / jnp.maximum(answer.sum(), 1.0)
     value = diff + aux_ar_weight * ar
