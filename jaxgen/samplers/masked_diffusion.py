@@ -42,10 +42,10 @@ Caches (NVlabs/Fast-dLLM `llada/generate.py`), with the reference's stale-cache 
 Prefix and dual caches loop until the block is clean. NFE counts forwards (CFG's batched pass
 counts 1).
 
-Static shapes: in prefix mode the fed window is always `gen_length` long (padding past the
-canvas is masked out of attention); dKV's reduced steps feed the whole generated region with
-earlier blocks taking their stored K/V. One compiled step serves every block; the extra rows
-cost compute, never exactness.
+Static shapes: the prefix and dKV modes unroll the blocks (num_blocks step programs in one
+compiled function), so each block's reduced steps feed exactly [block start, end of canvas):
+earlier tokens are all decoded before the previous step and attend only through their K/V
+(the prefix forward's, or dKV's stored ones, which dKV keeps for such tokens anyway).
 """
 from __future__ import annotations
 
@@ -259,12 +259,8 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_fi
         scheduled for recomputation)."""
         if cache is None:
             return guided_logits(params, cfg, x, P, cfg_scale, (start, block_length)), kv
-        if cache == "prefix":
-            window = jnp.concatenate([x, jnp.full((B, gen_length - block_length), cfg.mask_id, jnp.int32)], axis=1)
-            chunk = jax.lax.dynamic_slice_in_dim(window, start, gen_length, axis=1)
-            pos = start + jnp.arange(gen_length, dtype=jnp.int32)
-            logits, _ = forward(params, cfg, chunk, positions=jnp.broadcast_to(pos, (B, gen_length)), layout=full,
-                                cache=kv, cache_mode="read", kv_valid_BL=jnp.broadcast_to(pos < total, (B, gen_length)),
+        if cache == "prefix":  # `start` is static here (blocks unrolled): the window is exactly [start, total)
+            logits, _ = forward(params, cfg, x[:, start:], layout=full, cache=kv, cache_mode="read",
                                 out_rows=(0, block_length))
             return logits, kv
         if cache == "dual":
@@ -273,9 +269,10 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_fi
         def reload(_):  # every K/V fresh and stored
             return forward(params, cfg, x, layout=full, cache=kv, write_at=0, out_rows=(start, block_length))
 
-        def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V
-            return forward(params, cfg, x[:, P:], layout=full, cache=kv, write_at=P, keep_cached_BL=prv[:, P:],
-                           out_rows=(start - P, block_length))
+        def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V; every
+            # earlier block is such, so the fed window starts at the block (`start` static: blocks unrolled)
+            return forward(params, cfg, x[:, start:], layout=full, cache=kv, write_at=start,
+                           keep_cached_BL=prv[:, start:], out_rows=(0, block_length))
 
         is_reload = step % reload_every == 0
         if cache == "dkv_decode":
@@ -323,7 +320,13 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_fi
         run_block = denoise_block
         denoise_block = lambda b, c: jax.lax.cond(
             jnp.any(block_of(c[0], P + b * block_length) == cfg.mask_id), lambda c: run_block(b, c), lambda c: c, c)
-    x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
+    if cache in ("prefix", "dkv_decode", "dkv_greedy"):  # static window [start, total): blocks unrolled
+        carry = (x, jnp.int32(0))
+        for b in range(num_blocks):
+            carry = denoise_block(b, carry)
+        x, nfe = carry
+    else:
+        x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
     return SamplerOutput(tokens=x, nfe=nfe)
 
 
