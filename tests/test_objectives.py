@@ -35,7 +35,7 @@ def test_masked_diffusion_sft_never_noises_the_prompt(tiny_cfg, tiny_params):
     value, metrics = masked_diffusion.loss(tiny_params, tiny_cfg, dict(b, prompt_mask=prompt), jax.random.key(3))
     assert np.isfinite(value)
     # the corruption itself: prompt positions are never masked
-    noisy, masked = masked_diffusion.corrupt(b["tokens"], jnp.ones((4, 1)), ~prompt, jax.random.key(1), 259)
+    noisy, masked = common.corrupt(b["tokens"], jnp.ones((4, 1)), ~prompt, jax.random.key(1), 259)
     assert not np.asarray(masked)[:, :6].any() and np.asarray(masked)[:, 6:].all()
 
 
@@ -45,7 +45,7 @@ def test_masked_diffusion_matches_manual_formula(tiny_cfg, tiny_params):
     value, _ = masked_diffusion.loss(tiny_params, tiny_cfg, b, key, antithetic=False)
     k_t, k_mask = jax.random.split(key)
     t = common.sample_t(k_t, 4, 1e-3, False)
-    noisy, masked = masked_diffusion.corrupt(b["tokens"], t[:, None], jnp.ones((4, 16), bool), k_mask, 259)
+    noisy, masked = common.corrupt(b["tokens"], t[:, None], jnp.ones((4, 16), bool), k_mask, 259)
     logits, _ = model.forward(tiny_params, tiny_cfg, noisy, layout=layouts.full())
     ce = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(b["tokens"])[..., None], -1)[..., 0]
     ref = (ce * np.asarray(masked) / np.asarray(t)[:, None]).sum() / 64
@@ -99,7 +99,7 @@ def block_noise(b, key, maskable):
     (t per token, noisy tokens, masked) as numpy."""
     k_t, k_mask = jax.random.split(key)
     t = np.repeat(np.asarray(common.sample_t(k_t, 8, 1e-3, False)).reshape(2, 4), 4, 1)
-    noisy, masked = masked_diffusion.corrupt(b["tokens"], jnp.asarray(t), jnp.asarray(maskable), k_mask, 259)
+    noisy, masked = common.corrupt(b["tokens"], jnp.asarray(t), jnp.asarray(maskable), k_mask, 259)
     return t, np.asarray(noisy), np.asarray(masked)
 
 
@@ -190,7 +190,7 @@ def test_dream_shift_predicts_the_next_position(tiny_cfg, tiny_params):
     k_t, k_mask = jax.random.split(key)
     t = common.sample_t(k_t, 4, 1e-3, False)
     noisable = jnp.broadcast_to(jnp.arange(16) > 0, (4, 16))
-    noisy, masked = masked_diffusion.corrupt(b["tokens"], t[:, None], noisable, k_mask, 259)
+    noisy, masked = common.corrupt(b["tokens"], t[:, None], noisable, k_mask, 259)
     assert not np.asarray(masked)[:, 0].any()
     logits, _ = model.forward(tiny_params, tiny_cfg, noisy, layout=layouts.full())
     lp = np.asarray(jax.nn.log_softmax(logits))[:, :-1]

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.model import forward, logits_from_hidden
-from jaxgen.objectives.common import block_batch, cross_entropy, sample_block_t
-from jaxgen.objectives.masked_diffusion import corrupt
+from jaxgen.objectives.common import block_batch, corrupt, cross_entropy, sample_block_t
 
 
 def position_mask_prob(t_Bn, block_size: int, beta: float, eps: float = 1e-3):

@@ -33,6 +33,12 @@ def block_batch(cfg, batch, block_size: int, what: str):
     return (tokens,) + loss_and_prompt_masks(batch)
 
 
+def corrupt(tokens, t_BL, noisable_BL, key, mask_id):
+    """Replace each noisable token by MASK with probability t (per position)."""
+    masked = (jax.random.uniform(key, tokens.shape) < t_BL) & noisable_BL
+    return jnp.where(masked, mask_id, tokens), masked
+
+
 def sample_t(key, n: int, eps: float, antithetic: bool):
     """t = eps + (1 - eps) u, u ~ U(0, 1); antithetic: u_i = (u_0 + i / n) mod 1 (MDLM)."""
     if antithetic:
@@ -53,3 +59,19 @@ def next_token_ce(logits_BLV, tokens_BL, weight_BL):
     (the clean-stream AR loss of the two-stream objectives)."""
     w = weight_BL[:, 1:]
     return (cross_entropy(logits_BLV[:, :-1], tokens_BL[:, 1:]) * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def noised_block_batch(cfg, batch, key, *, block_size: int, eps: float, antithetic: bool, what: str,
+                       keep_block_first: bool = False):
+    """(tokens, answer, t_BL, noisy, masked) of a block objective: one t per (row, block), each
+    answer token masked w.p. t (a block's first token never, with `keep_block_first`: NBDiff)."""
+    tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, what)
+    B, L = tokens.shape
+    answer = loss_mask * ~prompt
+    k_t, k_mask = jax.random.split(key)
+    t_BL = sample_block_t(k_t, B, L, block_size, eps, antithetic)
+    maskable = answer > 0
+    if keep_block_first:
+        maskable = maskable & (jnp.arange(L) % block_size != 0)
+    noisy, masked = corrupt(tokens, t_BL, maskable, k_mask, cfg.mask_id)
+    return tokens, answer, t_BL, noisy, masked

@@ -24,13 +24,7 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import cross_entropy, loss_and_prompt_masks, sample_t
-
-
-def corrupt(tokens, t_BL, noisable_BL, key, mask_id):
-    """Replace each noisable token by MASK with probability t (per position)."""
-    masked = (jax.random.uniform(key, tokens.shape) < t_BL) & noisable_BL
-    return jnp.where(masked, mask_id, tokens), masked
+from jaxgen.objectives.common import corrupt, cross_entropy, loss_and_prompt_masks, sample_t
 
 
 def prefix_lm_mask(prompt_BL):

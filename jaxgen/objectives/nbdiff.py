@@ -17,33 +17,29 @@ we double the block in equal stages and weight the AR loss 1 (spec §4.3).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import block_batch, cross_entropy, next_token_ce, sample_block_t
-from jaxgen.objectives.masked_diffusion import corrupt
+from jaxgen.objectives.common import cross_entropy, next_token_ce, noised_block_batch
 
 
 def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, antithetic: bool = True,
          aux_ar_weight: float = 1.0):
     if aux_ar_weight < 0:
         raise JaxgenError(f"aux_ar_weight={aux_ar_weight} must be >= 0")
-    tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, "NBDiff training")
+    tokens, answer, t_BL, noisy, masked = noised_block_batch(
+        cfg, batch, key, block_size=block_size, eps=eps, antithetic=antithetic, what="NBDiff training",
+        keep_block_first=True)  # a block's first token is known at decode time (the AR step)
     B, L = tokens.shape
-    answer = loss_mask * ~prompt
-    k_t, k_mask = jax.random.split(key)
-    t_BL = sample_block_t(k_t, B, L, block_size, eps, antithetic)
-    maskable = (answer > 0) & (jnp.arange(L) % block_size != 0)  # a block's first token is known
-    noisy, masked = corrupt(tokens, t_BL, maskable, k_mask, cfg.mask_id)
     positions = jnp.broadcast_to(jnp.tile(jnp.arange(L, dtype=jnp.int32), 2), (B, 2 * L))
     logits, _ = forward(params, cfg, jnp.concatenate([tokens, noisy], axis=1), positions=positions,
                         layout=layouts.ar_diffusion(block_size))
     ar = next_token_ce(logits[:, :L], tokens, answer)
     next_ce = cross_entropy(logits[:, L:-1], tokens[:, 1:])  # row j of a noisy block predicts token j + 1
     diff_terms = jnp.where(masked[:, 1:], next_ce / t_BL[:, 1:], 0.0)
+    maskable = answer * (jnp.arange(L) % block_size != 0)
     diff = diff_terms.sum() / jnp.maximum(maskable.sum(), 1.0)
     value = diff + aux_ar_weight * ar
     return value, {"loss": value, "ar_ce": ar, "diffusion": diff, "tokens": answer.sum()}

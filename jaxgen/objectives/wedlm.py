@@ -21,14 +21,12 @@ static (no per-row attention mask), as the paper does with Magi Attention.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
-from jaxgen.objectives.common import block_batch, cross_entropy, next_token_ce, sample_block_t
-from jaxgen.objectives.masked_diffusion import corrupt
+from jaxgen.objectives.common import cross_entropy, next_token_ce, noised_block_batch
 
 
 def reorder_blocks(masked_BL, block_size: int):
@@ -45,12 +43,9 @@ def loss(params, cfg, batch, key, *, block_size: int = 32, eps: float = 1e-3, an
          aux_ar_weight: float = 1.0):
     if aux_ar_weight < 0:
         raise JaxgenError(f"aux_ar_weight={aux_ar_weight} must be >= 0")
-    tokens, loss_mask, prompt = block_batch(cfg, batch, block_size, "WeDLM training")
+    tokens, answer, t_BL, noisy, masked = noised_block_batch(
+        cfg, batch, key, block_size=block_size, eps=eps, antithetic=antithetic, what="WeDLM training")
     B, L = tokens.shape
-    answer = loss_mask * ~prompt
-    k_t, k_mask = jax.random.split(key)
-    t_BL = sample_block_t(k_t, B, L, block_size, eps, antithetic)
-    noisy, masked = corrupt(tokens, t_BL, answer > 0, k_mask, cfg.mask_id)
     physical_BL = reorder_blocks(masked, block_size)
     reorder = lambda a: jnp.take_along_axis(a, physical_BL, axis=1)
     logical = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
