@@ -141,6 +141,11 @@ def config_objectives():
     return OBJECTIVES
 
 
+def hf_families():
+    from jaxgen.hf import FAMILIES
+    return FAMILIES
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxgen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="export a trained run as a Hugging Face checkpoint")
     c.add_argument("--run", required=True)
     c.add_argument("--to-hf", required=True)
-    c.add_argument("--family", choices=("llama", "qwen2", "qwen3"))
+    c.add_argument("--family", choices=hf_families())
     c.set_defaults(fn=_convert)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")

@@ -1,33 +1,123 @@
-"""Hugging Face safetensors <-> jaxgen for Llama, Qwen2 and Qwen3 checkpoints.
+"""Hugging Face safetensors <-> jaxgen for Llama, Qwen2, Qwen3, LLaDA and Dream checkpoints.
 
 `load(dir)` reads config.json and every *.safetensors shard; `save(dir, cfg, params)` writes a
-directory that `transformers.AutoModelForCausalLM.from_pretrained` loads back.
+directory that `transformers.AutoModelForCausalLM.from_pretrained` loads back (for "llada" and
+"dream", the reference repositories' remote-code model classes load it).
 Torch Linear weights are [out, in]; ours are [in, ..., out] with heads split out.
+
+LLaDA (GSAI-ML/LLaDA-8B-*, `LLaDAModelLM`) is a Llama-architecture encoder under OLMo names
+(`model.transformer.blocks.N.ff_proj` ...); Dream (Dream-org/Dream-v0-*, `DreamModel`) is Qwen2
+under its own architecture name. Both run with full attention (`layouts.full()`); Dream's
+shifted logits are the Dream sampler's business, not the checkpoint's.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 
 from jaxgen.config import ModelConfig
 from jaxgen.errors import HFFormatError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-_MODEL_TYPE_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "LLaDAModelLM": "llada", "DreamModel": "dream"}
+_FAMILY_TO_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llada": "llada", "Dream": "dream"}
+_FAMILY_TO_MODEL_TYPE = {v: k for k, v in _MODEL_TYPES.items()}
+FAMILIES = tuple(_FAMILY_TO_ARCH)
+
+# LLaDA's OLMo-style tensor names -> the Llama names the rest of this module reads.
+_LLADA_GLOBAL_NAMES = {"model.transformer.wte.weight": "model.embed_tokens.weight",
+                       "model.transformer.ln_f.weight": "model.norm.weight",
+                       "model.transformer.ff_out.weight": "lm_head.weight"}
+_LLADA_BLOCK_NAMES = {"attn_norm.weight": "input_layernorm.weight",
+                      "ff_norm.weight": "post_attention_layernorm.weight",
+                      "q_proj.weight": "self_attn.q_proj.weight", "q_proj.bias": "self_attn.q_proj.bias",
+                      "k_proj.weight": "self_attn.k_proj.weight", "k_proj.bias": "self_attn.k_proj.bias",
+                      "v_proj.weight": "self_attn.v_proj.weight", "v_proj.bias": "self_attn.v_proj.bias",
+                      "attn_out.weight": "self_attn.o_proj.weight", "ff_proj.weight": "mlp.gate_proj.weight",
+                      "up_proj.weight": "mlp.up_proj.weight", "ff_out.weight": "mlp.down_proj.weight"}
+# LLaDA config fields whose value must be the one below for the Llama mapping to be exact.
+_LLADA_REQUIRED = {"block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu", "rope": True,
+                   "alibi": False, "include_bias": False, "input_emb_norm": False, "scale_logits": False,
+                   "attention_layer_norm": False, "layer_norm_with_affine": True, "bias_for_layer_norm": False,
+                   "block_group_size": 1}
+
+
+def family_of(hf: dict) -> str:
+    """The jaxgen family name of an HF config.json dict (by architecture, else model_type)."""
+    arch = (hf.get("architectures") or [None])[0]
+    family = ARCHITECTURES.get(arch) or _MODEL_TYPES.get(hf.get("model_type"))
+    if family is None:
+        raise HFFormatError(f"unsupported architecture {arch or hf.get('model_type')!r}; jaxgen.hf loads "
+                            f"{', '.join(ARCHITECTURES)}")
+    return family
+
+
+def _llada_to_llama_keys(hf: dict) -> dict:
+    """Rewrite an LLaDA config.json into the Llama keys `config_from_hf` reads, refusing the
+    OLMo options that the Llama mapping cannot represent."""
+    for key, want in _LLADA_REQUIRED.items():
+        got = hf.get(key, want)
+        if (got or None) != (want or None):
+            raise HFFormatError(f"LLaDA config has {key}={got!r}; jaxgen loads only {key}={want!r} "
+                                "(the Llama-block LLaDA architecture)")
+    d_model, heads = hf["d_model"], hf["n_heads"]
+    kv_heads = hf.get("n_kv_heads") or (1 if hf.get("multi_query_attention") else heads)
+    return {"vocab_size": hf.get("embedding_size") or hf["vocab_size"], "hidden_size": d_model,
+            "num_hidden_layers": hf["n_layers"], "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "intermediate_size": hf.get("mlp_hidden_size") or hf.get("mlp_ratio", 4) * d_model,
+            "max_position_embeddings": hf.get("max_sequence_length", 2048),
+            "rope_theta": hf.get("rope_theta", 10000.0), "rms_norm_eps": hf.get("rms_norm_eps", 1e-5),
+            "attention_bias": bool(hf.get("include_qkv_bias", False)),
+            "tie_word_embeddings": bool(hf.get("weight_tying", False)),
+            **{k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")}}
+
+
+def _llada_config_from_llama_keys(hf: dict) -> dict:
+    """The inverse of `_llada_to_llama_keys`: a complete LLaDA config.json (every field the LLaDA
+    model class reads, since its defaults are OLMo's, not LLaDA's)."""
+    return {**_LLADA_REQUIRED, "architectures": ["LLaDAModelLM"], "model_type": "llada",
+            "d_model": hf["hidden_size"], "n_heads": hf["num_attention_heads"],
+            "n_kv_heads": hf["num_key_value_heads"], "n_layers": hf["num_hidden_layers"],
+            "mlp_hidden_size": hf["intermediate_size"], "mlp_ratio": 4, "vocab_size": hf["vocab_size"],
+            "embedding_size": hf["vocab_size"], "max_sequence_length": hf["max_position_embeddings"],
+            "rope_theta": hf["rope_theta"], "rope_full_precision": True, "rms_norm_eps": hf["rms_norm_eps"],
+            "include_qkv_bias": hf["attention_bias"], "weight_tying": hf["tie_word_embeddings"],
+            "flash_attention": False, "multi_query_attention": None, "use_cache": False,
+            "attention_layer_norm_with_affine": True, "attention_dropout": 0.0, "residual_dropout": 0.0,
+            "embedding_dropout": 0.0,
+            **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")}}
+
+
+def _llada_tensor_name(name: str) -> str:
+    """LLaDA tensor name -> Llama tensor name (unknown names pass through unchanged)."""
+    if name in _LLADA_GLOBAL_NAMES:
+        return _LLADA_GLOBAL_NAMES[name]
+    m = re.fullmatch(r"model\.transformer\.blocks\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LLADA_BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_LLADA_BLOCK_NAMES[m.group(2)]}"
+    return name
+
+
+def _llama_tensor_name_to_llada(name: str) -> str:
+    glob = {v: k for k, v in _LLADA_GLOBAL_NAMES.items()}
+    if name in glob:
+        return glob[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    block = {v: k for k, v in _LLADA_BLOCK_NAMES.items()}
+    return f"model.transformer.blocks.{m.group(1)}.{block[m.group(2)]}"
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """Map an HF config.json dict to a ModelConfig."""
-    arch = (hf.get("architectures") or [None])[0]
-    model_type = hf.get("model_type")
-    if arch not in ARCHITECTURES and model_type not in _MODEL_TYPE_TO_ARCH:
-        raise HFFormatError(f"unsupported architecture {arch or model_type!r}; jaxgen.hf loads "
-                            f"{', '.join(ARCHITECTURES)}")
-    family = ARCHITECTURES.get(arch, model_type)
+    family = family_of(hf)
     try:
+        if family == "llada":
+            hf = _llada_to_llama_keys(hf)
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         kw = dict(
@@ -37,7 +127,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
             max_seq_len=hf.get("max_position_embeddings", 2048),
             rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
-            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+            qkv_bias=family in ("qwen2", "dream") or bool(hf.get("attention_bias", False)),
             qk_norm=family == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
@@ -58,11 +148,14 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict:
     family = family or ("qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama")
-    if family == "qwen2" and not cfg.qkv_bias or family == "qwen3" and not cfg.qk_norm:
+    if family not in FAMILIES:
+        raise HFFormatError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if (family in ("qwen2", "dream") and not cfg.qkv_bias or family == "qwen3" and not cfg.qk_norm
+            or cfg.qk_norm and family != "qwen3"):
         raise HFFormatError(f"family {family!r} does not match the config (qkv_bias={cfg.qkv_bias}, "
                             f"qk_norm={cfg.qk_norm})")
     hf = {
-        "architectures": [_MODEL_TYPE_TO_ARCH[family]], "model_type": family,
+        "architectures": [_FAMILY_TO_ARCH[family]], "model_type": _FAMILY_TO_MODEL_TYPE[family],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim,
@@ -72,9 +165,9 @@ def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict:
         "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
         "mask_token_id": cfg.mask_id,
     }
-    if family == "llama":
+    if family in ("llama", "llada"):
         hf |= {"attention_bias": cfg.qkv_bias, "mlp_bias": False}
-    return hf
+    return _llada_config_from_llama_keys(hf) if family == "llada" else hf
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -107,8 +200,11 @@ def load(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise HFFormatError(f"{path} has no config.json; it is not a Hugging Face checkpoint")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()), param_dtype=dtype)
+    hf = json.loads(cfg_file.read_text())
+    cfg = config_from_hf(hf, param_dtype=dtype)
     tensors = _read_safetensors(path)
+    if family_of(hf) == "llada":
+        tensors = {_llada_tensor_name(k): v for k, v in tensors.items()}
     params = params_from_hf(tensors, cfg)
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
 
@@ -187,8 +283,12 @@ def save(path, cfg: ModelConfig, params: dict, family: str | None = None) -> Non
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, family), indent=2))
-    save_file(params_to_hf(params, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    hf = config_to_hf(cfg, family)
+    tensors = params_to_hf(params, cfg)
+    if hf["model_type"] == "llada":
+        tensors = {_llama_tensor_name_to_llada(k): v for k, v in tensors.items()}
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if path.exists():
         for f in path.iterdir():
             if f.name == "config.json" or f.suffix == ".safetensors" or f.name.endswith(".index.json"):
