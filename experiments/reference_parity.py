@@ -13,17 +13,26 @@ alone, for per-row NFE, and all prompts as one batch). It reports whether tokens
 identical.
 
 The random model's output layer is scaled up so confidences spread over (0, 1) and the
-threshold rules commit several tokens per step. The one intended difference: jaxgen never
+threshold rules commit several tokens per step, and its layer matrices so that attention
+matters: with a plain init (std 0.02) the approximate caches (prefix, dual, dKV) change no token
+against no-cache decoding and matching the reference would prove little. Rows for cached
+decoders report how many tokens agree with no-cache decoding. The one intended difference: jaxgen never
 proposes the mask token, so the reference model's mask-token logit is set to -inf (a wrapper
 on its output; its decoding code is untouched). Shims for transformers 5: the reference models
 are built from their config and given the checkpoint with a strict `load_state_dict` (its
 `from_pretrained` needs hooks these classes predate), the LLaDA config gets `use_cache=False`,
 and Dream's RoPE gets transformers' removed "default" init function.
+
+Torch and XLA round float32 differently, so two candidates whose confidences differ by ~1e-7 can
+swap order: a random model's still-masked positions often score almost alike. A row that
+differs should be checked for such a near-tie (or rerun with another `--seed`) before it is
+read as a semantic difference. Fast-dLLM 24cc59e (the snapshot without `factor`) runs one
+cached forward after a block-start forward that already cleaned the block; f6b35ec and jaxgen
+do not, so with that snapshot NFE can be one higher per such block.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -39,14 +48,17 @@ from jaxgen.samplers import masked_diffusion
 
 VOCAB, MASK_ID = 512, 511
 LOGIT_SCALE = 25.0  # sharpens the random model (logit std ~4) so confidences spread over (0, 1)
+LAYER_SCALE = 5.0  # strengthens attention so stale cached K/V visibly change the output
 
 
-def random_model(qkv_bias: bool, seed: int = 0):
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+def random_model(qkv_bias: bool, seed: int = 0, num_kv_heads: int = 2):
+    """Grouped-query by default; dKV-Cache's model code assumes as many K/V heads as query heads."""
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16,
                       mlp_dim=128, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5, qkv_bias=qkv_bias,
                       mask_id=MASK_ID, eos_id=3, pad_id=3)
     params = model.init(cfg, jax.random.PRNGKey(seed))
     params["lm_head"] = params["lm_head"] * LOGIT_SCALE
+    params["layers"] = {k: v * LAYER_SCALE if k.startswith("w") else v for k, v in params["layers"].items()}
     return cfg, params
 
 
@@ -88,8 +100,102 @@ def with_checkpoint_weights(ref_model, ckpt: pathlib.Path):
     return ref_model.eval()
 
 
-def compare(name, ref_fn, jax_fn, prompts):
-    """Reference (one prompt at a time) vs jaxgen (one at a time, then batched)."""
+def load_reference_dream(fast_dllm: pathlib.Path, ckpt: pathlib.Path):
+    """Dream's model class and `_sample` (Dream-org's decoding loop, as shipped in Fast-dLLM)."""
+    import torch
+    from transformers import modeling_rope_utils
+
+    def default_rope(config, device=None, seq_len=None, **_):  # removed from transformers 5
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim
+        return 1.0 / (config.rope_theta ** exponent), 1.0
+
+    modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", default_rope)
+    sys.path[:0] = [str(fast_dllm)]
+    from dream.model.configuration_dream import DreamConfig
+    from dream.model.generation_utils import DreamGenerationConfig
+    from dream.model.modeling_dream import DreamModel
+    return DreamGenerationConfig, with_checkpoint_weights(DreamModel(DreamConfig.from_pretrained(ckpt)), ckpt)
+
+
+def load_reference_dkv_decode(dkv_cache: pathlib.Path, ckpt: pathlib.Path):
+    """horseee/dKV-Cache's dKV-Cache-Decode LLaDA model class and generate function."""
+    import importlib
+    sys.path[:0] = [str(dkv_cache)]
+    ref_generate = importlib.import_module("generation_utils.llada_dkv_cache_decode")
+    from models.configuration_llada import LLaDAConfig
+    from models.modeling_llada_dkv_cache_decode import LLaDAModelLM
+    config = LLaDAConfig.from_pretrained(ckpt)
+    config.use_cache = False
+    return ref_generate, NeverProposeMask(with_checkpoint_weights(LLaDAModelLM(config), ckpt))
+
+
+def run_dkv_decode(dkv_cache, tmp, prompts, gen_length, block_length, seed):
+    cfg, params = random_model(qkv_bias=False, seed=seed, num_kv_heads=4)
+    hf.save(tmp / "llada_dkv", cfg, params, family="llada")
+    cfg, params = hf.load(tmp / "llada_dkv")
+    ref_generate, ref_model = load_reference_dkv_decode(dkv_cache, tmp / "llada_dkv")
+    rows = []
+    no_cache = lambda p, steps: np.asarray(masked_diffusion.generate(  # noqa: E731
+        params, cfg, jnp.asarray(p), jax.random.PRNGKey(0), steps=steps, gen_length=gen_length,
+        block_length=block_length).tokens)
+    for steps in (gen_length, gen_length // 2):
+        baseline = no_cache(prompts, steps)
+        for reload in (2, 4, 8):
+            kw = dict(steps=steps, gen_length=gen_length, block_length=block_length)
+            ref_fn = lambda p, kw=kw, reload=reload: (ref_generate.generate(  # noqa: E731
+                ref_model, None, p, temperature=0.0, remasking="low_confidence", mask_id=MASK_ID,
+                enable_cache=True, cache_reloading_step=reload, **kw), kw["steps"])
+            jax_fn = jax.jit(lambda p, kw=kw, reload=reload: masked_diffusion.generate(
+                params, cfg, p, jax.random.PRNGKey(0), cache="dkv_decode", cache_reloading_step=reload, **kw))
+            rows.append(compare(f"dKV-Cache-Decode steps={steps} reload {reload}", ref_fn, jax_fn, prompts, baseline))
+    return rows
+
+
+def dream_cases(gen_length):
+    return [(f"Dream {alg} steps={steps}{extra_name}", dict(alg=alg, steps=steps, **extra))
+            for alg in ("maskgit_plus", "topk_margin", "entropy")
+            for steps in (gen_length, gen_length // 4)
+            for extra_name, extra in (("", {}), (", top_p 0.9", dict(top_p=0.9)))]
+
+
+def run_dream(fast_dllm, tmp, prompts, gen_length, seed):
+    import contextlib
+    import io
+
+    import torch
+    cfg, params = random_model(qkv_bias=True, seed=seed)
+    params["layers"] = params["layers"] | {k: 0.1 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+                                           for i, (k, v) in enumerate(params["layers"].items()) if k[0] == "b"}
+    hf.save(tmp / "dream", cfg, params, family="dream")
+    cfg, params = hf.load(tmp / "dream")
+    generation_config_cls, ref_model = load_reference_dream(fast_dllm, tmp / "dream")
+
+    def never_mask(step, x, logits):
+        logits[..., MASK_ID] = -float("inf")
+        return logits
+
+    def ref_sample(p, kw):
+        gen_cfg = generation_config_cls(max_length=p.shape[1] + gen_length, mask_token_id=MASK_ID, temperature=0.0,
+                                        **kw)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # it prints its step count and time
+            x = ref_model._sample(p, attention_mask=None, generation_config=gen_cfg,
+                                  generation_tokens_hook_func=lambda step, x, logits: x,
+                                  generation_logits_hook_func=never_mask)
+        return x, kw["steps"]
+
+    rows = []
+    for name, kw in dream_cases(gen_length):
+        jax_fn = jax.jit(lambda p, kw=kw: masked_diffusion.generate(
+            params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=gen_length, **kw))
+        rows.append(compare(name, lambda p, kw=kw: ref_sample(p, kw), jax_fn, prompts))
+    return rows
+
+
+def compare(name, ref_fn, jax_fn, prompts, baseline=None):
+    """Reference (one prompt at a time) vs jaxgen (one at a time, then batched). `baseline`: the
+    no-cache LLaDA tokens, to show how far an approximate cache moves the output (so that matching
+    the reference is not trivially matching no-cache decoding)."""
     import torch
     ref_tokens, ref_nfe, ours_tokens, ours_nfe = [], [], [], []
     for p in prompts:
@@ -105,9 +211,12 @@ def compare(name, ref_fn, jax_fn, prompts):
            "token_agreement": float((ref_tokens == ours_tokens).mean()),
            "batched_identical": bool((batched == ours_tokens).all()),
            "nfe_reference": ref_nfe, "nfe_jaxgen": ours_nfe, "nfe_identical": ref_nfe == ours_nfe}
+    if baseline is not None:
+        row["agreement_with_no_cache"] = float((ref_tokens == baseline).mean())
     print(f"{name:44s} tokens {'identical' if row['tokens_identical'] else 'DIFFER'} "
           f"({row['token_agreement']:.1%}), batched {'same' if row['batched_identical'] else 'DIFFERS'}, "
-          f"NFE ref {ref_nfe} jaxgen {ours_nfe}")
+          f"NFE ref {ref_nfe} jaxgen {ours_nfe}"
+          + (f", {row['agreement_with_no_cache']:.0%} like no cache" if baseline is not None else ""))
     return row
 
 
@@ -140,8 +249,8 @@ def llada_cases(gen_length, block_length, with_factor: bool):
     ]
 
 
-def run_llada(fast_dllm, tmp, prompts, gen_length, block_length):
-    cfg, params = random_model(qkv_bias=False)
+def run_llada(fast_dllm, tmp, prompts, gen_length, block_length, seed):
+    cfg, params = random_model(qkv_bias=False, seed=seed)
     hf.save(tmp / "llada", cfg, params, family="llada")
     cfg, params = hf.load(tmp / "llada")  # what the reference sees, float32 round trip
     ref_generate, ref_model = load_reference_llada(fast_dllm, tmp / "llada")
@@ -155,25 +264,37 @@ def run_llada(fast_dllm, tmp, prompts, gen_length, block_length):
         jax_fn = jax.jit(lambda p, kw=kw, ours_kw=ours_kw: masked_diffusion.generate(
             params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=block_length,
             **kw, **ours_kw))
-        rows.append(compare(name, ref_fn, jax_fn, prompts))
+        baseline = np.asarray(masked_diffusion.generate(
+            params, cfg, jnp.asarray(prompts), jax.random.PRNGKey(0), steps=kw["steps"], gen_length=gen_length,
+            block_length=block_length).tokens) if "cache" in ours_kw else None
+        rows.append(compare(name, ref_fn, jax_fn, prompts, baseline))
     return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fast-dllm", type=pathlib.Path, required=True, help="a local NVlabs/Fast-dLLM checkout")
+    ap.add_argument("--dkv-cache", type=pathlib.Path, help="a local horseee/dKV-Cache checkout (optional)")
     ap.add_argument("--out", type=pathlib.Path, help="write the rows as JSON here")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--prompt-length", type=int, default=13)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=16)
     args = ap.parse_args(argv)
-    for sub in ("llada/generate.py", "llada/model/modeling_llada.py"):
-        if not (args.fast_dllm / sub).exists():
-            raise SystemExit(f"--fast-dllm {args.fast_dllm} has no {sub}; pass the root of a Fast-dLLM checkout")
-    prompts = np.random.RandomState(0).randint(4, MASK_ID, (args.prompts, args.prompt_length))
+    needed = [(args.fast_dllm, "--fast-dllm", "Fast-dLLM", sub) for sub in (
+        "llada/generate.py", "llada/model/modeling_llada.py", "dream/model/generation_utils.py")]
+    needed += [(args.dkv_cache, "--dkv-cache", "dKV-Cache", sub) for sub in (
+        "generation_utils/llada_dkv_cache_decode.py", "models/modeling_llada_dkv_cache_decode.py")] * bool(args.dkv_cache)
+    for root, flag, repo, sub in needed:
+        if not (root / sub).exists():
+            raise SystemExit(f"{flag} {root} has no {sub}; pass the root of a {repo} checkout")
+    prompts = np.random.RandomState(args.seed).randint(4, MASK_ID, (args.prompts, args.prompt_length))
     with tempfile.TemporaryDirectory() as d:
-        rows = run_llada(args.fast_dllm, pathlib.Path(d), prompts, args.gen_length, args.block_length)
+        rows = run_llada(args.fast_dllm, pathlib.Path(d), prompts, args.gen_length, args.block_length, args.seed)
+        rows += run_dream(args.fast_dllm, pathlib.Path(d), prompts, args.gen_length, args.seed)
+        if args.dkv_cache:
+            rows += run_dkv_decode(args.dkv_cache, pathlib.Path(d), prompts, args.gen_length, args.block_length, args.seed)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
     bad = [r["decoder"] for r in rows if not (r["tokens_identical"] and r["nfe_identical"] and r["batched_identical"])]
