@@ -24,15 +24,18 @@ are built from their config and given the checkpoint with a strict `load_state_d
 and Dream's RoPE gets transformers' removed "default" init function.
 
 Torch and XLA round float32 differently, so two candidates whose confidences differ by ~1e-7 can
-swap order: a random model's still-masked positions often score almost alike. A row that
-differs should be checked for such a near-tie (or rerun with another `--seed`) before it is
-read as a semantic difference. Fast-dLLM 24cc59e (the snapshot without `factor`) runs one
+swap order: a random model's still-masked positions often score almost alike. Exact ties
+happen too: when top-p leaves one candidate, several positions score exactly 1.0; jaxgen
+commits the lowest positions first, while `torch.topk` leaves the order of ties unspecified. A
+row that differs should be checked for a near or exact tie at the commit boundary (or rerun
+with another `--seed`) before it is read as a semantic difference. Fast-dLLM 24cc59e (the snapshot without `factor`) runs one
 cached forward after a block-start forward that already cleaned the block; f6b35ec and jaxgen
 do not, so with that snapshot NFE can be one higher per such block.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import pathlib
 import sys
@@ -51,15 +54,32 @@ LOGIT_SCALE = 25.0  # sharpens the random model (logit std ~4) so confidences sp
 LAYER_SCALE = 5.0  # strengthens attention so stale cached K/V visibly change the output
 
 
-def random_model(qkv_bias: bool, seed: int = 0, num_kv_heads: int = 2):
-    """Grouped-query by default; dKV-Cache's model code assumes as many K/V heads as query heads."""
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, head_dim=16,
-                      mlp_dim=128, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5, qkv_bias=qkv_bias,
-                      mask_id=MASK_ID, eos_id=3, pad_id=3)
-    params = model.init(cfg, jax.random.PRNGKey(seed))
+def saved_random_model(tmp: pathlib.Path, family: str, seed: int, num_kv_heads: int = 2):
+    """A random model written as a `family` ("llada" or "dream") checkpoint and read back (so
+    jaxgen runs exactly the float32 weights the reference loads). Grouped-query by default;
+    dKV-Cache's model code assumes as many K/V heads as query heads. Dream gets random q/k/v
+    biases so they matter."""
+    qkv_bias = family == "dream"
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads,
+                      head_dim=16, mlp_dim=128, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5,
+                      qkv_bias=qkv_bias, mask_id=MASK_ID, eos_id=3, pad_id=3)
+    init_key, bias_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = model.init(cfg, init_key)
     params["lm_head"] = params["lm_head"] * LOGIT_SCALE
     params["layers"] = {k: v * LAYER_SCALE if k.startswith("w") else v for k, v in params["layers"].items()}
-    return cfg, params
+    if qkv_bias:
+        for name, key in zip(("bq", "bk", "bv"), jax.random.split(bias_key, 3)):
+            params["layers"][name] = 0.1 * jax.random.normal(key, params["layers"][name].shape)
+    path = tmp / f"{family}_{num_kv_heads}kv"
+    hf.save(path, cfg, params, family=family)
+    return path, *hf.load(path)
+
+
+def no_cache_tokens(params, cfg, prompts, steps, gen_length, block_length):
+    """jaxgen's no-cache LLaDA tokens: how far an approximate cache moves the output."""
+    return np.asarray(masked_diffusion.generate(params, cfg, jnp.asarray(prompts), jax.random.PRNGKey(0),
+                                                steps=steps, gen_length=gen_length,
+                                                block_length=block_length).tokens)
 
 
 class NeverProposeMask:
@@ -67,10 +87,6 @@ class NeverProposeMask:
 
     def __init__(self, ref_model):
         self.ref_model = ref_model
-
-    @property
-    def device(self):
-        return self.ref_model.device
 
     def __getattr__(self, name):
         return getattr(self.ref_model, name)
@@ -88,9 +104,13 @@ def load_reference_llada(fast_dllm: pathlib.Path, ckpt: pathlib.Path):
     ref_generate = importlib.import_module("llada.generate")
     from llada.model.configuration_llada import LLaDAConfig
     from llada.model.modeling_llada import LLaDAModelLM
-    config = LLaDAConfig.from_pretrained(ckpt)
+    return ref_generate, reference_llada_model(LLaDAConfig, LLaDAModelLM, ckpt)
+
+
+def reference_llada_model(config_cls, model_cls, ckpt: pathlib.Path):
+    config = config_cls.from_pretrained(ckpt)
     config.use_cache = False  # transformers 5 no longer keeps the attribute LLaDAConfig passes
-    return ref_generate, NeverProposeMask(with_checkpoint_weights(LLaDAModelLM(config), ckpt))
+    return NeverProposeMask(with_checkpoint_weights(model_cls(config), ckpt))
 
 
 def with_checkpoint_weights(ref_model, ckpt: pathlib.Path):
@@ -125,22 +145,15 @@ def load_reference_dkv_decode(dkv_cache: pathlib.Path, ckpt: pathlib.Path):
     ref_generate = importlib.import_module("generation_utils.llada_dkv_cache_decode")
     from models.configuration_llada import LLaDAConfig
     from models.modeling_llada_dkv_cache_decode import LLaDAModelLM
-    config = LLaDAConfig.from_pretrained(ckpt)
-    config.use_cache = False
-    return ref_generate, NeverProposeMask(with_checkpoint_weights(LLaDAModelLM(config), ckpt))
+    return ref_generate, reference_llada_model(LLaDAConfig, LLaDAModelLM, ckpt)
 
 
 def run_dkv_decode(dkv_cache, tmp, prompts, gen_length, block_length, seed):
-    cfg, params = random_model(qkv_bias=False, seed=seed, num_kv_heads=4)
-    hf.save(tmp / "llada_dkv", cfg, params, family="llada")
-    cfg, params = hf.load(tmp / "llada_dkv")
-    ref_generate, ref_model = load_reference_dkv_decode(dkv_cache, tmp / "llada_dkv")
+    ckpt, cfg, params = saved_random_model(tmp, "llada", seed, num_kv_heads=4)
+    ref_generate, ref_model = load_reference_dkv_decode(dkv_cache, ckpt)
     rows = []
-    no_cache = lambda p, steps: np.asarray(masked_diffusion.generate(  # noqa: E731
-        params, cfg, jnp.asarray(p), jax.random.PRNGKey(0), steps=steps, gen_length=gen_length,
-        block_length=block_length).tokens)
     for steps in (gen_length, gen_length // 2):
-        baseline = no_cache(prompts, steps)
+        baseline = no_cache_tokens(params, cfg, prompts, steps, gen_length, block_length)
         for reload in (2, 4, 8):
             kw = dict(steps=steps, gen_length=gen_length, block_length=block_length)
             ref_fn = lambda p, kw=kw, reload=reload: (ref_generate.generate(  # noqa: E731
@@ -164,12 +177,8 @@ def run_dream(fast_dllm, tmp, prompts, gen_length, seed):
     import io
 
     import torch
-    cfg, params = random_model(qkv_bias=True, seed=seed)
-    params["layers"] = params["layers"] | {k: 0.1 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
-                                           for i, (k, v) in enumerate(params["layers"].items()) if k[0] == "b"}
-    hf.save(tmp / "dream", cfg, params, family="dream")
-    cfg, params = hf.load(tmp / "dream")
-    generation_config_cls, ref_model = load_reference_dream(fast_dllm, tmp / "dream")
+    ckpt, cfg, params = saved_random_model(tmp, "dream", seed)
+    generation_config_cls, ref_model = load_reference_dream(fast_dllm, ckpt)
 
     def never_mask(step, x, logits):
         logits[..., MASK_ID] = -float("inf")
@@ -194,8 +203,8 @@ def run_dream(fast_dllm, tmp, prompts, gen_length, seed):
 
 def compare(name, ref_fn, jax_fn, prompts, baseline=None):
     """Reference (one prompt at a time) vs jaxgen (one at a time, then batched). `baseline`: the
-    no-cache LLaDA tokens, to show how far an approximate cache moves the output (so that matching
-    the reference is not trivially matching no-cache decoding)."""
+    no-cache tokens for a cached decoder (so that matching the reference is visibly more than
+    matching no-cache decoding)."""
     import torch
     ref_tokens, ref_nfe, ours_tokens, ours_nfe = [], [], [], []
     for p in prompts:
@@ -250,12 +259,11 @@ def llada_cases(gen_length, block_length, with_factor: bool):
 
 
 def run_llada(fast_dllm, tmp, prompts, gen_length, block_length, seed):
-    cfg, params = random_model(qkv_bias=False, seed=seed)
-    hf.save(tmp / "llada", cfg, params, family="llada")
-    cfg, params = hf.load(tmp / "llada")  # what the reference sees, float32 round trip
-    ref_generate, ref_model = load_reference_llada(fast_dllm, tmp / "llada")
+    ckpt, cfg, params = saved_random_model(tmp, "llada", seed)
+    ref_generate, ref_model = load_reference_llada(fast_dllm, ckpt)
+    baselines = {steps: no_cache_tokens(params, cfg, prompts, steps, gen_length, block_length)
+                 for steps in (gen_length, gen_length // 2)}
     rows = []
-    import inspect
     with_factor = "factor" in inspect.signature(ref_generate.generate).parameters
     for name, fn_name, kw, ours_kw in llada_cases(gen_length, block_length, with_factor):
         ref_fn = lambda p, fn=getattr(ref_generate, fn_name), kw=kw: fn(  # noqa: E731
@@ -264,9 +272,7 @@ def run_llada(fast_dllm, tmp, prompts, gen_length, block_length, seed):
         jax_fn = jax.jit(lambda p, kw=kw, ours_kw=ours_kw: masked_diffusion.generate(
             params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=block_length,
             **kw, **ours_kw))
-        baseline = np.asarray(masked_diffusion.generate(
-            params, cfg, jnp.asarray(prompts), jax.random.PRNGKey(0), steps=kw["steps"], gen_length=gen_length,
-            block_length=block_length).tokens) if "cache" in ours_kw else None
+        baseline = baselines[kw["steps"]] if "cache" in ours_kw else None
         rows.append(compare(name, ref_fn, jax_fn, prompts, baseline))
     return rows
 

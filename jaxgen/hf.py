@@ -40,6 +40,8 @@ _LLADA_BLOCK_NAMES = {"attn_norm.weight": "input_layernorm.weight",
                       "v_proj.weight": "self_attn.v_proj.weight", "v_proj.bias": "self_attn.v_proj.bias",
                       "attn_out.weight": "self_attn.o_proj.weight", "ff_proj.weight": "mlp.gate_proj.weight",
                       "up_proj.weight": "mlp.up_proj.weight", "ff_out.weight": "mlp.down_proj.weight"}
+_LLAMA_GLOBAL_NAMES = {v: k for k, v in _LLADA_GLOBAL_NAMES.items()}
+_LLAMA_BLOCK_NAMES = {v: k for k, v in _LLADA_BLOCK_NAMES.items()}
 # LLaDA config fields whose value must be the one below for the Llama mapping to be exact.
 _LLADA_REQUIRED = {"block_type": "llama", "layer_norm_type": "rms", "activation_type": "silu", "rope": True,
                    "alibi": False, "include_bias": False, "input_emb_norm": False, "scale_logits": False,
@@ -93,23 +95,22 @@ def _llada_config_from_llama_keys(hf: dict) -> dict:
             **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")}}
 
 
-def _llada_tensor_name(name: str) -> str:
-    """LLaDA tensor name -> Llama tensor name (unknown names pass through unchanged)."""
-    if name in _LLADA_GLOBAL_NAMES:
-        return _LLADA_GLOBAL_NAMES[name]
-    m = re.fullmatch(r"model\.transformer\.blocks\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _LLADA_BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_LLADA_BLOCK_NAMES[m.group(2)]}"
+def _rename_tensor(name: str, global_names: dict, block_names: dict, src_block: str, dst_block: str) -> str:
+    """Rename one tensor between the Llama and LLaDA naming schemes (unknown names unchanged)."""
+    if name in global_names:
+        return global_names[name]
+    m = re.fullmatch(re.escape(src_block) + r"(\d+)\.(.+)", name)
+    if m and m.group(2) in block_names:
+        return f"{dst_block}{m.group(1)}.{block_names[m.group(2)]}"
     return name
 
 
+def _llada_tensor_name(name: str) -> str:
+    return _rename_tensor(name, _LLADA_GLOBAL_NAMES, _LLADA_BLOCK_NAMES, "model.transformer.blocks.", "model.layers.")
+
+
 def _llama_tensor_name_to_llada(name: str) -> str:
-    glob = {v: k for k, v in _LLADA_GLOBAL_NAMES.items()}
-    if name in glob:
-        return glob[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    block = {v: k for k, v in _LLADA_BLOCK_NAMES.items()}
-    return f"model.transformer.blocks.{m.group(1)}.{block[m.group(2)]}"
+    return _rename_tensor(name, _LLAMA_GLOBAL_NAMES, _LLAMA_BLOCK_NAMES, "model.layers.", "model.transformer.blocks.")
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -203,7 +204,7 @@ def load(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     hf = json.loads(cfg_file.read_text())
     cfg = config_from_hf(hf, param_dtype=dtype)
     tensors = _read_safetensors(path)
-    if family_of(hf) == "llada":
+    if family_of(hf) == "llada":  # LLaDA's names -> the Llama names params_from_hf reads
         tensors = {_llada_tensor_name(k): v for k, v in tensors.items()}
     params = params_from_hf(tensors, cfg)
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
