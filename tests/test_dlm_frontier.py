@@ -28,6 +28,7 @@ def test_frontier_writes_json_and_plot(tmp_path, data_dir):
     assert (out / "learn2pd" / "filter.json").exists()
     assert all((out / m / "run_config.json").exists() for m in ("nbdiff", "dream", "wedlm"))
     assert all(r["nfe"] > 0 and r["tokens_per_s"] > 0 and r["bits_per_byte"] > 0 for r in rows)
+    assert all(0 < r["row_tokens_per_nfe"] <= 8 for r in rows)  # each row decoded alone: 1..gen_length NFE
     assert all(r["speedup_vs_baseline"] > 0 for r in rows if r["baseline"])
     assert (out / "frontier.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown decoder"):
