@@ -10,12 +10,13 @@ masking) and WeDLM (causal MASK prediction). The Learn2PD filter is then fitted 
 rollouts of the masked-diffusion model.
 
 For each decoder it measures NFE, tokens per NFE (of the batched run, whose loops run until
-every row is done, and the mean over rows decoded one at a time, the papers' measure), tokens/s (median of --repeats timed runs after
-one compile run), bits per byte of the generated continuation under the AR model, its fraction
+every row is done, and the mean over rows decoded one at a time, the papers' measure), tokens/s
+(median of --repeats timed runs after one compile run), bits per byte of the generated continuation under the AR model, its fraction
 of distinct 4-grams (bits/byte alone rewards degenerate repeats such as runs of spaces), and
 token agreement with its baseline (LLaDA without cache for the masked-diffusion decoders, the
 same model's static/one-token-per-step decode for block decoders, greedy AR of the same model
-for TiDAR and WeDLM). Writes frontier.json and frontier.png (tokens/s against bits/byte) to --out.
+for TiDAR and WeDLM). Writes frontier.json and frontier.png (tokens/s against bits/byte) to --out,
+and reports which of the issue's speed goals (GOALS) the decoders that ran meet.
 
     python experiments/dlm_frontier.py                    # 2 CPU cores: minutes
     python experiments/dlm_frontier.py --preset small --steps 4000 --gen-length 256   # accelerators
@@ -98,6 +99,27 @@ def decoders(gen_length: int, block: int):
         "WeDLM 1 token/step": ("wedlm", "WeDLM AR greedy", wed(entropy_threshold=None)),
         "WeDLM streaming (entropy 0.4)": ("wedlm", "WeDLM AR greedy", wed()),
     }
+
+
+GOALS = [  # issue 3's goals on the trained model: (decoder, row field, comparison, target)
+    ("Fast-dLLM threshold 0.9 + dual", "speedup_vs_baseline", ">=", 5.0),  # tokens/s vs LLaDA
+    ("Fast-dLLM threshold 0.9 + dual", "bpb_change_vs_baseline", "<=", 0.05),  # quality within 5%
+    ("SDAR dynamic 0.9", "tokens_per_nfe", ">=", 2.0),
+    ("SDAR dynamic 0.9 + fused block write", "tokens_per_nfe", ">=", 2.0),
+    ("TiDAR (draft 4)", "tokens_per_nfe", ">=", 2.0),
+]
+
+
+def goal_report(rows) -> list[dict]:
+    """Each goal whose decoder ran: its value, target and whether it is met."""
+    by_name = {r["decoder"]: r for r in rows}
+    report = []
+    for decoder, field, op, target in GOALS:
+        value = by_name.get(decoder, {}).get(field)
+        if value is not None:
+            met = value >= target if op == ">=" else value <= target
+            report.append({"decoder": decoder, "field": field, "value": value, "goal": f"{op} {target}", "met": met})
+    return report
 
 
 def distinct_4grams(tokens, prompt_len: int) -> float:
@@ -221,10 +243,13 @@ def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, blo
     result = {"preset": preset, "steps": steps, "adapt_steps": adapt_steps or max(1, steps // 5),
               "gen_length": gen_length, "block_length": block, "batch": batch,
               "prompt_len": prompt_len, "repeats": repeats, "row_nfe": row_nfe, "device": jax.devices()[0].device_kind,
-              "rows": rows}
+              "rows": rows, "goals": goal_report(rows)}
     (out / "frontier.json").write_text(json.dumps(result, indent=2))
     plot(rows, out / "frontier.png")
     print(format_table(rows))
+    for g in result["goals"]:
+        print(f"goal {g['decoder']}: {g['field']} = {g['value']:.3f}, goal {g['goal']}: "
+              f"{'met' if g['met'] else 'not met'}")
     print(f"wrote {out / 'frontier.json'} and {out / 'frontier.png'}")
     return result
 

@@ -22,7 +22,11 @@ def test_frontier_writes_json_and_plot(tmp_path, data_dir):
                  data_dir=data_dir, only=NAMES,
                  overrides=["hidden_size=32", "num_layers=1", "mlp_dim=64", "seq_len=32", "batch_size=4",
                             "max_files=30", "eval_batches=1", "filter_rollouts=4"])
-    rows = json.loads((out / "frontier.json").read_text())["rows"]
+    result = json.loads((out / "frontier.json").read_text())
+    rows = result["rows"]
+    assert {(g["decoder"], g["field"]) for g in result["goals"]} == {
+        ("Fast-dLLM threshold 0.9 + dual", "speedup_vs_baseline"),
+        ("Fast-dLLM threshold 0.9 + dual", "bpb_change_vs_baseline")}  # only goals whose decoder ran
     assert sorted(r["decoder"] for r in rows) == sorted(NAMES + BASELINES)
     assert all(r["agreement"] is not None for r in rows if r["baseline"])
     assert (out / "learn2pd" / "filter.json").exists()
