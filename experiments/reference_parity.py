@@ -49,6 +49,7 @@ import json
 import pathlib
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -242,7 +243,8 @@ def load_reference_sdar(sdar: pathlib.Path, ckpt: pathlib.Path):
     GPU-only kernels are replaced by the same math in torch: flash-attn's Triton RMSNorm (float32
     statistics) and `flash_attn_func` (non-causal, grouped-query); the Triton training loss is
     never called. transformers 5 lacks `LossKwargs` (which the model file only names), the
-    plain-RoPE init function and `DynamicCache[layer]`."""
+    plain-RoPE init function and `DynamicCache[layer]`; 5.24 also lacks `modeling_attn_mask_utils`
+    (imported by the model file, called only on its sdpa path)."""
     import importlib
     import importlib.util
     import typing
@@ -270,6 +272,13 @@ def load_reference_sdar(sdar: pathlib.Path, ckpt: pathlib.Path):
     package_from_folder("sdar_model", sdar / "training/model/SDAR-4B-Chat")
     stub_module("sdar_model.fused_linear_diffusion_cross_entropy", FusedLinearDiffusionCrossEntropyLoss=None)
     with_default_rope()
+    if importlib.util.find_spec("transformers.modeling_attn_mask_utils") is None:  # gone in transformers 5.24
+        def removed(*_, **__):  # only SDAR's sdpa mask path calls it, not the flash path run here
+            raise RuntimeError("transformers.modeling_attn_mask_utils is gone from this transformers; "
+                               "SDAR's sdpa mask path needs transformers < 5.24")
+        stub_module("transformers.modeling_attn_mask_utils", AttentionMaskConverter=type(
+            "AttentionMaskConverter", (), {"_ignore_causal_mask_sdpa": staticmethod(removed),
+                                           "_unmask_unattended": staticmethod(removed)}))
     if not hasattr(transformers.utils, "LossKwargs"):
         transformers.utils.LossKwargs = typing.TypedDict("LossKwargs", {}, total=False)
     if not hasattr(DynamicCache, "__getitem__"):  # transformers 5: cache[layer] -> cache.layers[layer]
@@ -576,16 +585,25 @@ def compare(name, ref_fn, jax_fn, prompts, baseline=None, batch_stops_at=None):
     no-cache tokens for a cached decoder (so that matching the reference is visibly more than
     matching no-cache decoding). `batch_stops_at`: an EOS id that ends decoding only once every
     row of the batch holds it, so a row decodes on past its EOS in a batch and not alone; the
-    batched check then covers each row through its first generated EOS."""
+    batched check then covers each row through its first generated EOS.
+    Wall time per prompt, both sides: the median over prompts after the first (jaxgen's first
+    call compiles), on whatever model the case uses (tiny and random here, so per-forward
+    overhead dominates)."""
     import torch
-    ref_tokens, ref_nfe, ours_tokens, ours_nfe = [], [], [], []
+    ref_tokens, ref_nfe, ours_tokens, ours_nfe, ref_s, ours_s = [], [], [], [], [], []
     for p in prompts:
+        t = time.perf_counter()
         x, nfe = ref_fn(torch.as_tensor(p[None]))
+        ref_s.append(time.perf_counter() - t)
         ref_tokens.append(x.numpy()[0])
         ref_nfe.append(int(nfe))
-        out = jax_fn(jnp.asarray(p[None]))
+        t = time.perf_counter()
+        out = jax.block_until_ready(jax_fn(jnp.asarray(p[None])))
+        ours_s.append(time.perf_counter() - t)
         ours_tokens.append(np.asarray(out.tokens)[0])
         ours_nfe.append(int(out.nfe))
+    warm = slice(1, None) if len(prompts) > 1 else slice(None)
+    ref_time, ours_time = float(np.median(ref_s[warm])), float(np.median(ours_s[warm]))
     batched = np.asarray(jax_fn(jnp.asarray(prompts)).tokens)
     ref_tokens, ours_tokens = np.stack(ref_tokens), np.stack(ours_tokens)
     if batch_stops_at is not None:  # positions after a row's first generated EOS: as decoded alone
@@ -600,12 +618,14 @@ def compare(name, ref_fn, jax_fn, prompts, baseline=None, batch_stops_at=None):
            "prompts_identical": prompts_identical,
            "token_agreement": float((ref_tokens == ours_tokens).mean()),
            "batched_identical": bool((batched == ours_tokens).all()),
-           "nfe_reference": ref_nfe, "nfe_jaxgen": ours_nfe, "nfe_identical": ref_nfe == ours_nfe}
+           "nfe_reference": ref_nfe, "nfe_jaxgen": ours_nfe, "nfe_identical": ref_nfe == ours_nfe,
+           "reference_s": ref_time, "jaxgen_s": ours_time, "speedup": ref_time / ours_time}
     if baseline is not None:
         row["agreement_with_no_cache"] = float((ref_tokens == baseline).mean())
     print(f"{name:44s} tokens {'identical' if row['tokens_identical'] else 'DIFFER'} "
           f"({row['token_agreement']:.1%}), batched {'same' if row['batched_identical'] else 'DIFFERS'}, "
-          f"NFE ref {ref_nfe} jaxgen {ours_nfe}"
+          f"NFE ref {ref_nfe} jaxgen {ours_nfe}, {1e3 * ref_time:.0f} ms vs {1e3 * ours_time:.0f} ms "
+          f"({row['speedup']:.1f}x)"
           + (f", {row['agreement_with_no_cache']:.0%} like no cache" if baseline is not None else ""))
     return row
 
@@ -714,6 +734,9 @@ def main(argv=None):
         args.out.write_text(json.dumps(rows, indent=2))
     bad = [r["decoder"] for r in rows if not (r["batched_identical"] and r.get(
         "identical_where_reference_kept_commits", r["tokens_identical"] and r["nfe_identical"]))]
+    speedups = [r["speedup"] for r in rows]
+    print(f"jaxgen vs reference wall time per prompt: median {np.median(speedups):.1f}x "
+          f"(range {min(speedups):.1f}x to {max(speedups):.1f}x over {len(rows)} cases)")
     print("all identical" if not bad else f"not identical: {', '.join(bad)}")
     return 1 if bad else 0
 
