@@ -29,24 +29,53 @@ def forbid_mask_token(logits_BLV, cfg):
     return logits_BLV.at[..., cfg.mask_id].set(NEG_INF)
 
 
-def filter_top_k_top_p(logits, top_k, top_p):
-    """Keep the top_k logits (top_k <= 0: all) and the smallest nucleus with mass >= top_p.
+def order_keys(x):
+    """int32 keys that order like the float32 values `x` (-inf, -0.0 < +0.0 and +inf included),
+    so that a value threshold can be searched by bisection over integers."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
-    top_k and top_p may be traced; one descending sort serves both filters.
-    """
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None].astype(jnp.int32),
-                              axis=-1)
-    logits = jnp.where(logits < kth, NEG_INF, logits)
-    sorted_desc = jnp.where(sorted_desc < kth, NEG_INF, sorted_desc)
-    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-    # the smallest logit still inside the nucleus: entries whose preceding mass < top_p are kept
-    keep_sorted = mass_before < top_p
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where((top_p < 1.0) & (logits < cutoff), NEG_INF, logits)
+
+def smallest_key(keys, pred):
+    """Per row, the smallest integer t in [min, max] of `keys` (last axis) with pred(t) true,
+    for a pred that is false below some point and true from it on, and true at the max: 32
+    bisection steps of one pass over the row each, instead of a sort (slow on XLA:CPU, and
+    O(V log V) for a vocabulary V)."""
+    lo = jnp.min(keys, axis=-1, keepdims=True)
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int32 overflow
+        ok = pred(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
+
+
+def nucleus_keep(logits, top_p, *, inclusive: bool = False):
+    """Mask of the top-p nucleus: entries whose strictly larger entries hold mass < top_p
+    (<= top_p with `inclusive`, Dream's rule); the largest entry is always kept. Equal to
+    keeping the sorted entries whose preceding mass is below top_p plus every tie of the
+    smallest one kept, the sort-and-cumsum definition, up to float rounding of that mass."""
+    keys = order_keys(logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+
+    def mass_above_is_small(t):
+        mass = jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True)
+        return mass <= top_p if inclusive else mass < top_p
+
+    return keys >= smallest_key(keys, mass_above_is_small)
+
+
+def filter_top_k_top_p(logits, top_k, top_p):
+    """Keep the top_k logits (top_k <= 0: all; ties of the k-th kept) and, of those, the
+    smallest nucleus with mass >= top_p (HF/SDAR order). top_k and top_p may be traced."""
+    keys = order_keys(logits)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
+    kth = smallest_key(keys, lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < k)  # the k-th largest
+    logits = jnp.where(keys < kth, NEG_INF, logits)
+    return jnp.where((top_p < 1.0) & ~nucleus_keep(logits, top_p), NEG_INF, logits)
 
 
 def sample_tokens(logits, key, temperature, top_k=0, top_p=1.0):

@@ -29,7 +29,7 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    top_k_commit, with_mask_id)
+                                    nucleus_keep, top_k_commit, with_mask_id)
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -75,13 +75,8 @@ def reveal_counts(num_masked: int, steps: int, eps: float) -> np.ndarray:
 def dream_filter(logits, top_p, top_k):
     """Top-p then top-k (Dream's order); removed entries get the float32 minimum."""
     floor = jnp.finfo(jnp.float32).min
-    if top_p is not None and top_p < 1:
-        sorted_desc = -jnp.sort(-logits, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
-        # keep the sorted entry j iff the mass strictly before it is <= top_p
-        keep_sorted = jnp.concatenate([jnp.ones_like(cum[..., :1], bool), cum[..., :-1] <= top_p], axis=-1)
-        cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, floor, logits)
+    if top_p is not None and top_p < 1:  # keep the sorted entry j iff the mass strictly before it is <= top_p
+        logits = jnp.where(nucleus_keep(logits, top_p, inclusive=True), logits, floor)
     if top_k is not None:
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, floor, logits)
