@@ -278,3 +278,11 @@ def test_top_k_top_p_filters_match_the_sorting_definition():
     for top_p in (0.9, 0.5, 1e-6):
         ours = np.asarray(nucleus_keep(jnp.asarray(logits), top_p, inclusive=True))
         np.testing.assert_array_equal(ours, sorted_cumsum_filter(logits, 0, top_p, inclusive=True))
+
+
+def test_top_two_counts_ties_twice():
+    from jaxgen.samplers.common import top_two
+    x = jnp.asarray([[0.1, 0.5, 0.2, 0.5], [0.7, 0.1, 0.2, 0.0], [-jnp.inf, 1.0, -jnp.inf, -jnp.inf]])
+    first, second = top_two(x)
+    np.testing.assert_array_equal(first, np.float32([0.5, 0.7, 1.0]))
+    np.testing.assert_array_equal(second, np.float32([0.5, 0.2, -np.inf]))

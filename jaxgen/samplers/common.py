@@ -30,9 +30,10 @@ def forbid_mask_token(logits_BLV, cfg):
 
 
 def order_keys(x):
-    """int32 keys that order like the float32 values `x` (-inf, -0.0 < +0.0 and +inf included),
+    """int32 keys that order like the float32 values `x` (-inf and +inf included; -0.0 == +0.0),
     so that a value threshold can be searched by bisection over integers."""
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+    x = jnp.asarray(x, jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)  # -0.0 is +0.0
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
@@ -68,13 +69,25 @@ def nucleus_keep(logits, top_p, *, inclusive: bool = False):
     return keys >= smallest_key(keys, mass_above_is_small)
 
 
+def top_two(x):
+    """(largest, second largest) along the last axis, a tie counting twice: two max passes
+    instead of `lax.top_k`, which sorts the whole vocabulary on XLA:CPU."""
+    first = jnp.max(x, axis=-1)
+    at_first = jnp.arange(x.shape[-1]) == jnp.argmax(x, axis=-1)[..., None]
+    return first, jnp.max(jnp.where(at_first, -jnp.inf, x), axis=-1)
+
+
+def kth_largest_key(keys, k):
+    """Per row, the k-th largest of `keys` (its ties included), by bisection."""
+    return smallest_key(keys, lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < k)
+
+
 def filter_top_k_top_p(logits, top_k, top_p):
     """Keep the top_k logits (top_k <= 0: all; ties of the k-th kept) and, of those, the
     smallest nucleus with mass >= top_p (HF/SDAR order). top_k and top_p may be traced."""
     keys = order_keys(logits)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
-    kth = smallest_key(keys, lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < k)  # the k-th largest
-    logits = jnp.where(keys < kth, NEG_INF, logits)
+    logits = jnp.where(keys < kth_largest_key(keys, k), NEG_INF, logits)
     return jnp.where((top_p < 1.0) & ~nucleus_keep(logits, top_p), NEG_INF, logits)
 
 

@@ -29,7 +29,8 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    nucleus_keep, top_k_commit, with_mask_id)
+                                    kth_largest_key, nucleus_keep, order_keys, top_k_commit,
+                                    top_two, with_mask_id)
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -78,8 +79,8 @@ def dream_filter(logits, top_p, top_k):
     if top_p is not None and top_p < 1:  # keep the sorted entry j iff the mass strictly before it is <= top_p
         logits = jnp.where(nucleus_keep(logits, top_p, inclusive=True), logits, floor)
     if top_k is not None:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-        logits = jnp.where(logits < kth, floor, logits)
+        keys = order_keys(logits)
+        logits = jnp.where(keys < kth_largest_key(keys, min(top_k, logits.shape[-1])), floor, logits)
     return logits
 
 
@@ -91,8 +92,8 @@ def score_tokens(logits, key, temperature, top_p, top_k, alg):
     tok = jnp.where(temperature > 0, sampled, jnp.argmax(probs, axis=-1))
     conf = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
     if alg == "topk_margin":
-        top2 = jax.lax.top_k(probs, 2)[0]
-        conf = top2[..., 0] - top2[..., 1]
+        first, second = top_two(probs)
+        conf = first - second
     elif alg == "entropy":
         conf = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
     return tok.astype(jnp.int32), conf

@@ -29,7 +29,7 @@ from jaxgen.cache import init_cache
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    num_transfer_tokens, top_k_commit, with_mask_id)
+                                    num_transfer_tokens, top_k_commit, top_two, with_mask_id)
 from jaxgen.samplers.masked_diffusion import gumbel_argmax, validate_blocks
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
@@ -95,8 +95,8 @@ def score(logits, x0, key, remasking):
         return jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     if remasking == "entropy":
         return jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
-    top2 = jax.lax.top_k(probs, 2)[0]
-    return top2[..., 0] - top2[..., 1]
+    first, second = top_two(probs)
+    return first - second
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "counts", "gen_length", "block_length", "remasking"))
