@@ -11,8 +11,8 @@ rollouts of the masked-diffusion model.
 
 For each decoder it measures NFE, tokens per NFE (of the batched run, whose loops run until
 every row is done, and the mean over rows decoded one at a time, the papers' measure), tokens/s
-(median of --repeats timed runs after one compile run), bits per byte of the generated continuation under the AR model, its fraction
-of distinct 4-grams (bits/byte alone rewards degenerate repeats such as runs of spaces), and
+(median of --repeats timed runs after one compile run), bits per byte of the generated
+continuation under the AR model, its fraction of distinct 4-grams (bits/byte alone rewards degenerate repeats such as runs of spaces), and
 token agreement with its baseline (LLaDA without cache for the masked-diffusion decoders, the
 same model's static/one-token-per-step decode for block decoders, greedy AR of the same model
 for TiDAR and WeDLM). Writes frontier.json and frontier.png (tokens/s against bits/byte) to --out,
@@ -267,8 +267,8 @@ def format_row(r) -> str:
 
 
 def format_table(rows) -> str:
-    head = (f"{'decoder':<42} {'NFE':>4} {'tok/NFE':>7} {'row':>5} {'tok/s':>8} {'x base':>6} {'bpb':>6} {'d bpb':>6} "
-            f"{'dist4':>5} {'agree':>6}")
+    head = (f"{'decoder':<42} {'NFE':>4} {'tok/NFE':>7} {'row':>5} {'tok/s':>8} {'x base':>6} {'bpb':>6} "
+            f"{'d bpb':>6} {'dist4':>5} {'agree':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         x = "" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}"
