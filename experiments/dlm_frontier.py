@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import config, data, model, train
+from jaxgen import config, data, model, objectives
 from jaxgen.samplers import ar, block_diffusion, dream, learn2pd, masked_diffusion, nbdiff, tidar, wedlm
+from jaxgen.training import filter_fit, loop
 
-OBJECTIVES = {  # model name -> TrainConfig overrides; every model but the AR one is adapted from the AR weights
+OBJECTIVES = {  # model name -> TrainConfig fields and objective options; every model but the AR one is adapted from the AR weights
     "ar": dict(objective="ar"),
     "masked_diffusion": dict(objective="masked_diffusion"),
     "block_diffusion": dict(objective="block_diffusion", block_size=4),
@@ -155,7 +156,8 @@ def ar_bits_per_byte(ar_params, cfg, tokens, prompt_len: int) -> float:
     return float(jnp.mean(nll)) / math.log(2)
 
 
-def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, names, adapt_steps: int):
+def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, names, adapt_steps: int,
+                 option_overrides=()):
     """Train (or reload) the AR model, then adapt each diffusion model from its weights."""
     params = {}
     for name in sorted(names, key=lambda n: n != "ar"):
@@ -164,21 +166,23 @@ def train_models(base_model, base_train, out: pathlib.Path, batches, val_rows, n
             kw.update(init_from=str(out / "ar"), steps=adapt_steps)
         if kw.pop("curriculum", None):
             kw["curriculum_steps"] = max(1, kw.get("steps", base_train.steps) // 2)
-        tcfg = dataclasses.replace(base_train, **kw)
-        kw_eval = dict(eval_every=tcfg.steps, ckpt_every=tcfg.steps)
-        tcfg = dataclasses.replace(tcfg, **kw_eval)
-        result = train.train(base_model, tcfg, out / name, batches=batches, val_rows=val_rows, desc=name)
+        tcfg = objectives.configure(base_train, **kw)
+        _, tcfg = objectives.apply_overrides(base_model, tcfg, objectives.overrides_for(option_overrides, kw["objective"]))
+        tcfg = dataclasses.replace(tcfg, eval_every=tcfg.steps, ckpt_every=tcfg.steps)
+        result = loop.train(base_model, tcfg, out / name, batches=batches, val_rows=val_rows, desc=name)
         params[name] = result["state"].params
     return params
 
 
-def fit_filter(base_train, out: pathlib.Path, gen_length: int, block: int, progress: bool):
+def fit_filter(base_model, base_train, out: pathlib.Path, gen_length: int, block: int, progress: bool,
+               option_overrides=()):
     """The Learn2PD filter for the masked-diffusion model (reloaded when --out already has it)."""
     path = out / FILTER
     if not (path / "filter.json").exists():
-        tcfg = dataclasses.replace(base_train, objective="learn2pd", init_from=str(out / "masked_diffusion"),
-                                   steps=1000, lr=1e-2, filter_gen_length=gen_length, filter_block_length=block)
-        learn2pd.train_filter(tcfg, path, progress=progress)
+        tcfg = objectives.configure(base_train, objective="learn2pd", init_from=str(out / "masked_diffusion"),
+                                    steps=1000, lr=1e-2, filter_gen_length=gen_length, filter_block_length=block)
+        _, tcfg = objectives.apply_overrides(base_model, tcfg, objectives.overrides_for(option_overrides, "learn2pd"))
+        filter_fit.train_filter(tcfg, path, progress=progress)
     return learn2pd.load_filter(path)
 
 
@@ -196,17 +200,19 @@ def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, blo
     base_model, base_train = config.preset(preset)
     base_train = dataclasses.replace(base_train, steps=steps, eval_every=steps, ckpt_every=steps, progress=progress,
                                      data_dir=data_dir)
-    base_model, base_train = config.apply_overrides(base_model, base_train, overrides)
+    config_overrides, option_overrides = objectives.split_overrides(overrides)  # options: per model
+    base_model, base_train = objectives.apply_overrides(base_model, base_train, config_overrides)
     tokenizer = data.get_tokenizer(base_train.tokenizer)
     batches, val_rows = data.corpus(base_train, tokenizer)
     table = select_decoders(decoders(gen_length, block), only)
     needed = {"ar"} | {m for m, _, _ in table.values()}
     needed |= {"masked_diffusion"} if FILTER in needed else set()
     params = train_models(base_model, base_train, out, batches, val_rows, needed - {FILTER},
-                          adapt_steps or max(1, steps // 5))
+                          adapt_steps or max(1, steps // 5), option_overrides)
     if FILTER in needed:
         params[FILTER] = {"lm": params["masked_diffusion"],
-                          "filter": fit_filter(base_train, out, gen_length, block, progress)}
+                          "filter": fit_filter(base_model, base_train, out, gen_length, block, progress,
+                                                     option_overrides)}
     prompt = jnp.asarray(np.asarray(val_rows[:batch, :prompt_len], np.int32))
     key = jax.random.key(0)
     rows, outputs = [], {}

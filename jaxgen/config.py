@@ -61,9 +61,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run: objective, data, optimizer, schedule, checkpoints, mesh."""
+    """One training run: objective, data, optimizer, schedule, checkpoints, mesh.
 
-    objective: str = "ar"  # one of OBJECTIVES
+    Each objective's own knobs (block size, loss weights, ...) live in `objective_options`, a
+    sorted tuple of (name, value) pairs (a mapping is accepted and sorted); `jaxgen.objectives`
+    validates them against that objective's options dataclass and sets them from key=value.
+    """
+
+    objective: str = "ar"  # a name in jaxgen.objectives.names()
+    objective_options: tuple[tuple[str, Any], ...] = ()  # e.g. (("block_size", 8),); see jaxgen.objectives
     dataset: str = "python_stdlib"  # python_stdlib | text_files | any tfds name
     data_files: tuple[str, ...] = ()  # for dataset=text_files
     data_dir: str = ""  # tfds data_dir; "" = ~/.cache/jaxgen/tfds
@@ -88,76 +94,40 @@ class TrainConfig:
     keep_checkpoints: int = 3
     mesh: str = ""  # e.g. "data=2,fsdp=2,tensor=2"; "" = all devices on data
     rules: str = "fsdp"  # dp | fsdp | tp | fsdp+tp
-    # objective knobs
-    block_size: int = 4  # block diffusion; TiDAR draft block
-    tidar_alpha: float = 1.0  # TiDAR: weight of the AR loss against the diffusion loss
-    aux_ar_weight: float = 1.0  # NBDiff, WeDLM: weight of the auxiliary AR loss on the clean stream
-    curriculum_steps: int = 0  # block objectives: grow the block 1, 2, 4, .. block_size over these steps
-    position_mask_beta: float = 1.0  # Efficient-DLM: w_i(t) = exp(beta (1 - t) i) inside a block
     init_from: str = ""  # a jaxgen train folder whose latest params start this run (AR -> dLM adaptation)
-    # Learn2PD filter (objective=learn2pd; init_from = the masked-diffusion model it serves)
-    filter_gen_length: int = 64  # answer tokens decoded per rollout; the prompt is the rest of seq_len
-    filter_block_length: int = 16  # the decode block (and the filter's input width)
-    filter_rollouts: int = 256  # reference decodes: 80% fit the filter, 10% early-stop it, 10% test it
-    antithetic: bool = True
-    sampling_eps: float = 1e-3
-    meap_ratio: float = 0.0  # AR + MEAP: fraction of inputs replaced by MASK
     progress: bool = True
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective={self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "block_size", "log_every",
-                     "ckpt_every", "keep_checkpoints", "eval_batches"):
+        if not isinstance(self.objective, str) or not self.objective:
+            raise ConfigError(f"objective={self.objective!r} must be an objective name (jaxgen.objectives.names())")
+        object.__setattr__(self, "objective_options", normalize_options(self.objective_options))
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "ckpt_every", "keep_checkpoints",
+                     "eval_batches"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.objective in BLOCK_OBJECTIVES:
-            for size in curriculum_block_sizes(self.block_size, self.curriculum_steps):
-                if self.seq_len % size:
-                    raise ConfigError(f"seq_len={self.seq_len} is not a multiple of block size {size} "
-                                      f"(block_size={self.block_size}, curriculum_steps={self.curriculum_steps})")
-        if int(self.curriculum_steps) < 0:
-            raise ConfigError(f"curriculum_steps={self.curriculum_steps} must be >= 0 (0 = no curriculum)")
-        if self.objective == "learn2pd":
-            if not self.init_from:
-                raise ConfigError("objective=learn2pd trains a filter for a masked-diffusion model: set "
-                                  "init_from=<its jaxgen train folder>")
-            gen, block = self.filter_gen_length, self.filter_block_length
-            if gen <= 0 or block <= 0 or gen % block or gen >= self.seq_len:
-                raise ConfigError(f"filter_gen_length={gen} must be a positive multiple of filter_block_length="
-                                  f"{block} and shorter than seq_len={self.seq_len} (the rest is the prompt)")
-            if self.filter_rollouts < 3:
-                raise ConfigError(f"filter_rollouts={self.filter_rollouts} must be >= 3 (fit, early-stopping and "
-                                  "test rollouts)")
-        if not 0.0 <= self.meap_ratio < 1.0:
-            raise ConfigError(f"meap_ratio={self.meap_ratio} must be in [0, 1)")
 
 
-OBJECTIVES = ("ar", "masked_diffusion", "block_diffusion", "tidar", "lavida", "nbdiff", "efficient_dlm",
-              "learn2pd", "wedlm", "dream")
-BLOCK_OBJECTIVES = ("block_diffusion", "tidar", "nbdiff", "efficient_dlm", "wedlm")  # use block_size
+OPTION_TYPES = (bool, int, float, str, type(None))  # what an objective option may hold (JSON round trip)
 
 
-def curriculum_block_sizes(block_size: int, curriculum_steps: int) -> tuple[int, ...]:
-    """The block sizes a run goes through: 1, 2, 4, ... then block_size (just block_size without
-    a curriculum). NBDiff grows the block from 1 (AR) to the target."""
-    if not curriculum_steps:
-        return (block_size,)
-    sizes = [1]
-    while sizes[-1] * 2 < block_size:
-        sizes.append(sizes[-1] * 2)
-    return tuple(sizes) + ((block_size,) if block_size > 1 else ())
-
-
-def block_size_at(tcfg: "TrainConfig", step: int) -> int:
-    """The block size of training step `step` (0-based): equal stages over curriculum_steps, then
-    the target."""
-    sizes = curriculum_block_sizes(tcfg.block_size, tcfg.curriculum_steps)
-    if step >= tcfg.curriculum_steps:
-        return sizes[-1]
-    return sizes[step * len(sizes) // tcfg.curriculum_steps]
+def normalize_options(options) -> tuple[tuple[str, Any], ...]:
+    """(name, value) pairs sorted by name, from a mapping or pairs: the hashable form
+    `TrainConfig.objective_options` keeps (and run_config.json stores as a mapping)."""
+    items = list(options.items()) if isinstance(options, Mapping) else list(options)
+    pairs = {}
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigError(f"objective_options entry {item!r} is not a (name, value) pair; pass a mapping "
+                              "such as {'block_size': 8}")
+        name, value = item
+        if not isinstance(value, OPTION_TYPES):
+            raise ConfigError(f"objective option {name}={value!r} must be a bool, int, float, str or None")
+        if name in pairs:
+            raise ConfigError(f"objective option {name!r} is given twice in objective_options")
+        pairs[name] = value
+    return tuple(sorted(pairs.items()))
 
 
 def _model(**kw) -> ModelConfig:
@@ -200,7 +170,8 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     return PRESETS[name]
 
 
-def _parse_value(text: str, current: Any, key: str):
+def parse_value(text: str, current: Any, key: str):
+    """`text` parsed as the type of `current` (the value it replaces): bool, tuple, int, float, str."""
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -225,7 +196,7 @@ def _parse_value(text: str, current: Any, key: str):
 def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     overrides: Sequence[str] | Mapping[str, Any] = ()) -> tuple[ModelConfig, TrainConfig]:
     """Apply `key=value` strings (or a mapping) to whichever config owns the key."""
-    items = overrides.items() if isinstance(overrides, Mapping) else [_split(o) for o in overrides]
+    items = override_items(overrides)
     model_kw, train_kw = {}, {}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -238,8 +209,13 @@ def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig,
         else:
             raise ConfigError(f"unknown config key {key!r}; model keys: {', '.join(sorted(model_fields))}; "
                               f"train keys: {', '.join(sorted(train_fields))}")
-        target[key] = _parse_value(value, getattr(cfg, key), key) if isinstance(value, str) else value
+        target[key] = parse_value(value, getattr(cfg, key), key) if isinstance(value, str) else value
     return dataclasses.replace(model_cfg, **model_kw), dataclasses.replace(train_cfg, **train_kw)
+
+
+def override_items(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(key, value) pairs of `key=value` strings (or of a mapping), in order."""
+    return list(overrides.items()) if isinstance(overrides, Mapping) else [_split(o) for o in overrides]
 
 
 def _split(text: str) -> tuple[str, str]:

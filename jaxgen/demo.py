@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import config, data, train
+from jaxgen import config, data, objectives
+from jaxgen.training import loop
 from jaxgen.samplers import ar, block_diffusion, masked_diffusion
 
 PROMPTS = ("import os\nimport sys\n", "def main(argv=None):\n")
@@ -53,7 +54,8 @@ def run(out_dir="out/demo", steps: int = 300, preset: str = "tiny", gen_length: 
     base_model, base_train = config.preset(preset)
     base_train = dataclasses.replace(base_train, steps=steps, eval_every=max(steps // 3, 1), log_every=10,
                                      ckpt_every=max(steps // 2, 1), data_dir=data_dir, progress=progress)
-    base_model, base_train = config.apply_overrides(base_model, base_train, overrides)
+    config_overrides, option_overrides = objectives.split_overrides(overrides)  # options: per paradigm below
+    base_model, base_train = objectives.apply_overrides(base_model, base_train, config_overrides)
     tokenizer = data.get_tokenizer(base_train.tokenizer)
     print(f"building the python_stdlib corpus (tfds, offline) and packing rows of {base_train.seq_len} tokens...")
     batches, val_rows = data.corpus(base_train, tokenizer)
@@ -61,11 +63,12 @@ def run(out_dir="out/demo", steps: int = 300, preset: str = "tiny", gen_length: 
     prompt = jnp.asarray(_prompt_batch(tokenizer, 24))
     rows, curves = [], {}
     for name, kw in PARADIGMS.items():
-        tcfg = dataclasses.replace(base_train, **kw)
+        _, tcfg = objectives.apply_overrides(base_model, objectives.configure(base_train, **kw),
+                                             objectives.overrides_for(option_overrides, kw["objective"]))
         t0 = time.perf_counter()
-        result = train.train(base_model, tcfg, out / name, batches=batches, val_rows=val_rows, desc=name, fresh=True)
+        result = loop.train(base_model, tcfg, out / name, batches=batches, val_rows=val_rows, desc=name, fresh=True)
         train_s = time.perf_counter() - t0
-        curves[name] = train.read_metrics(result["metrics_path"])
+        curves[name] = loop.read_metrics(result["metrics_path"])
         params = result["state"].params
         gen = sample(name, params, base_model, prompt, gen_length)
         first = jax.block_until_ready(gen())
@@ -77,7 +80,7 @@ def run(out_dir="out/demo", steps: int = 300, preset: str = "tiny", gen_length: 
         new_tokens = prompt.shape[0] * gen_length
         eval_loss = result["eval_loss"]
         rows.append({"paradigm": name, "eval_loss": eval_loss,
-                     "bits_per_byte": train.bits_per_byte(eval_loss) if tokenizer.name == "bytes" else None,
+                     "bits_per_byte": loop.bits_per_byte(eval_loss) if tokenizer.name == "bytes" else None,
                      "nfe": int(first.nfe), "tokens_per_s": new_tokens / float(np.median(times)),
                      "train_seconds": train_s,
                      "samples": [tokenizer.decode(r[prompt.shape[1]:]) for r in np.asarray(outp.tokens)],

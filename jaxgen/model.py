@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxgen import layouts as layouts_lib
 from jaxgen.attention import attention
-from jaxgen.cache import KVCache
+from jaxgen import cache as cache_lib
 from jaxgen.errors import JaxgenError
 from jaxgen.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
 
@@ -148,174 +148,108 @@ def _run_layers(body, carry, layers, per_layer=(), last_body=None):
     return jax.lax.scan(body, carry, (layers, *per_layer) if per_layer else layers)
 
 
-def _to_cache(x_BLKD, cache_BKSD):
-    """A chunk's K or V in the cache's [B, K, S, D] layout and dtype."""
-    return x_BLKD.transpose(0, 2, 1, 3).astype(cache_BKSD.dtype)
+def _select_rows(a_BL, out_rows):
+    """Rows [start, start + length) of axis 1 (start a scalar or one per row)."""
+    start, length = out_rows
+    start = jnp.asarray(start, jnp.int32)
+    if start.ndim == 0:
+        return jax.lax.dynamic_slice_in_dim(a_BL, start, length, axis=1)
+    return jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, length, axis=0))(a_BL, start)
 
 
-def _from_cache(cache_BKSD, dtype):
-    """The cache in the attention door's [B, S, K, D] view. The cache keeps heads before slots so
-    attention's (batch, head) contraction reads it without a copy: XLA folds this transpose into
-    the dot (a [B, S, K, D] cache cost one full copy per layer per decode step on CPU)."""
-    return cache_BKSD.transpose(0, 2, 1, 3).astype(dtype)
+def _place_columns(base_BQS, cols_BQL, at):
+    """`base` with key columns [at, at + L) replaced (at a scalar or one per row)."""
+    if at.ndim == 0:
+        return jax.lax.dynamic_update_slice(base_BQS, cols_BQL, (0, 0, at))
+    return jax.vmap(lambda b, c, s: jax.lax.dynamic_update_slice(b, c, (0, s)))(base_BQS, cols_BQL, at)
 
 
-def forward(params, cfg, tokens_BL, positions=None, layout=None, cache: KVCache | None = None, *,
-            cache_mode: str = "write", write_at=None, return_hidden: bool = False, kv_valid_BL=None,
-            out_rows: tuple | None = None, keep_cached_BL=None, chunk_mask_BLL=None):
+def default_positions(cache, batch: int, length: int):
+    """RoPE positions of a chunk: 0..L-1, or each row's next slots with a cache."""
+    steps = jnp.arange(length, dtype=jnp.int32)
+    if cache is None:
+        return jnp.broadcast_to(steps, (batch, length))
+    cache_lib.dense.check_rows(cache, batch)
+    start = jnp.broadcast_to(cache_lib.access(cache).start, (batch,))
+    return start[:, None] + steps
+
+
+def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, return_hidden: bool = False,
+            kv_valid_BL=None, out_rows: tuple | None = None, chunk_mask_BLL=None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
-    positions: RoPE positions [B, L] (default: 0..L-1, or cache.length + 0..L-1 with a cache).
+    positions: RoPE positions [B, L] (default: 0..L-1, or each row's next slots with a cache).
     layout: a `jaxgen.layouts.Layout` (default causal).
-    cache, cache_mode: with a cache, "write" appends this chunk's K/V at slots
-      [length, length + L) and attends over the cache; "read" attends over cache + chunk and
-      leaves the cache unchanged (denoising steps). Without a cache, attention is over the chunk.
-    write_at: in "write" mode, the first slot to write (default cache.length). Writing inside the
-      filled range overwrites those slots in place (Fast-dLLM's dual cache); the filled length
-      becomes max(length, write_at + L) and queries attend over all of it.
-    kv_valid_BL: optional key padding mask for the chunk's own keys (both cache modes).
-    keep_cached_BL: in "write" mode, chunk positions whose K/V already in the cache are used and
-      kept instead of this pass's fresh K/V (dKV-Cache's delayed caching).
-    out_rows: (start, length) -> outputs for rows [start, start + length) only (length static).
-      Every row still serves as key/value; in the decode form (`unstack_layers`) the last layer's
-      queries, MLP and the head then run on those rows only (diffusion samplers need logits of
-      the current block alone). Stacked params compute every row and slice at the end.
+    cache: None (the chunk attends over itself), a `KVCache` (the chunk's K/V are appended at
+      each row's length), or a `jaxgen.cache.read(c)` / `write_at(c, start, keep_BL)` access;
+      the cache decides what each layer attends over (`jaxgen.cache.plan`).
+    kv_valid_BL: optional key padding mask for the chunk's own keys.
+    out_rows: (start, length) -> outputs for rows [start, start + length) only (length static,
+      start a scalar or one per row). Every row still serves as key/value; in the decode form
+      (`unstack_layers`) the last layer's queries, MLP and the head run on those rows only.
     chunk_mask_BLL: who in this chunk may attend to whom in this chunk (query row, key row),
-      replacing the layout between chunk tokens (tree drafting, reordered decoding); cached keys
-      still follow the layout.
+      replacing the layout between chunk tokens; cached keys still follow the layout.
     """
     layout = layouts_lib.causal() if layout is None else layout
     B, L = tokens_BL.shape
-    if cache_mode not in ("write", "read"):
-        raise JaxgenError(f"cache_mode={cache_mode!r}; use 'write' or 'read'")
-    if (write_at is not None or keep_cached_BL is not None) and (cache is None or cache_mode != "write"):
-        raise JaxgenError("write_at and keep_cached_BL need a cache and cache_mode='write'")
-    if positions is None:
-        start = 0 if cache is None else cache.length if write_at is None else write_at
-        positions = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
-    positions = jnp.asarray(positions, jnp.int32)
-    dual = layout.two_stream
-    if dual and cache is not None:
+    if layout.two_stream and cache is not None:
         raise JaxgenError(f"the {layout.kind} layout is a training layout and takes no KV cache")
-    q_idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) if dual else positions
+    positions = default_positions(cache, B, L) if positions is None else jnp.asarray(positions, jnp.int32)
+    q_idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) if layout.two_stream else positions
+    kv = cache_lib.plan(cache, q_idx, kv_valid_BL, cfg.dtype)
+    if cache is not None and cache_lib.access(cache).cache.unstacked:
+        params = unstack_layers(params)  # per-layer cache buffers go with per-layer params
     dtype = jnp.dtype(cfg.dtype)
     cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
-
-    x = params["embed"].astype(dtype)[tokens_BL]
-    last_layer = lambda step: None if out_rows is None else functools.partial(step, rows_only=True)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    seq_len = L if cache is None else None
 
-    def select_rows(a):
-        return jax.lax.dynamic_slice_in_dim(a, out_rows[0], out_rows[1], axis=1)
-
-    def chunk_mask_rows(q_rows):
-        """The chunk mask for these query rows (all rows, or the `out_rows` of the last layer)."""
+    def dense_mask(q_rows):
+        """The explicit chunk mask for these query rows, placed among the cached keys."""
         if chunk_mask_BLL is None:
             return None
-        return chunk_mask_BLL if q_rows.shape[1] == L else select_rows(chunk_mask_BLL)
+        rows = chunk_mask_BLL if q_rows.shape[1] == L else _select_rows(chunk_mask_BLL, out_rows)
+        if cache is None:
+            return rows
+        return _place_columns(layout.mask(q_rows, kv.kv_idx_BS), rows, kv.chunk_at)
 
-    def with_chunk_mask(base_BQS, q_rows, at):
-        """`base` with key columns [at, at + L) replaced by the chunk mask."""
-        rows = chunk_mask_rows(q_rows)
-        return None if rows is None else jax.lax.dynamic_update_slice(base_BQS, rows, (0, 0, at))
-
-    def attend_no_cache(q, k, v, q_rows):
-        return attention(q, k, v, layout, q_idx_BL=q_rows, kv_idx_BS=q_idx, kv_valid_BS=kv_valid_BL,
-                         seq_len=L, impl=cfg.attention_impl, mask_BLS=chunk_mask_rows(q_rows))
-
-    def layer_body(x, lp, attend, rows_only=False):
+    def layer(x, xs, rows_only=False):
+        lp, k_buf, v_buf = xs if cache is not None else (xs, None, None)
         lp = cast(lp)
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = _qkv(lp, cfg, h, cos, sin)
+        keys, values, k_buf, v_buf = kv.layer(k_buf, v_buf, k, v)
         q_rows = q_idx
         if rows_only:  # last layer: queries (and the residual stream) of the output rows only
-            q, x, q_rows = select_rows(q), select_rows(x), select_rows(q_idx)
-        attn, kv_out = attend(q, k, v, q_rows)
+            q, x, q_rows = _select_rows(q, out_rows), _select_rows(x, out_rows), _select_rows(q_idx, out_rows)
+        attn = attention(q, keys, values, layout, q_idx_BL=q_rows, kv_idx_BS=kv.kv_idx_BS, kv_valid_BS=kv.kv_valid_BS,
+                         seq_len=seq_len, impl=cfg.attention_impl, mask_BLS=dense_mask(q_rows))
         x = x + jnp.einsum("blhd,hde->ble", attn, lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        return x + _mlp(lp, h), kv_out
+        return x + _mlp(lp, h), (k_buf, v_buf)
 
-    if cache is None:
-        def step(x, lp, rows_only=False):
-            out, _ = layer_body(x, lp, lambda *a: (attend_no_cache(*a), None), rows_only)
-            return out, None
-
-        x, _ = _run_layers(_remat(step, cfg), x, params["layers"], last_body=last_layer(step))
-        new_cache = None
-    else:
-        if cache.unstacked:
-            params = unstack_layers(params)  # per-layer cache buffers go with per-layer params
-        S = cache.max_len
-        slot_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        start = cache.length
-        if cache_mode == "write":
-            if write_at is not None:
-                start = jnp.asarray(write_at, jnp.int32)
-            new_length = jnp.maximum(cache.length, start + L)
-            filled = slot_idx < new_length
-            if kv_valid_BL is not None:  # padding inside the chunk is no key
-                in_chunk = (slot_idx >= start) & (slot_idx < start + L)
-                chunk_valid = jax.lax.dynamic_update_slice_in_dim(jnp.ones((B, S), bool), kv_valid_BL, start, axis=1)
-                filled = filled & (~in_chunk | chunk_valid)
-
-            def merge(fresh_BLKD, cache_BKSD):
-                new = _to_cache(fresh_BLKD, cache_BKSD)
-                if keep_cached_BL is None:
-                    return new
-                old = jax.lax.dynamic_slice_in_dim(cache_BKSD, start, L, axis=2)
-                return jnp.where(keep_cached_BL[:, None, :, None], old, new)
-
-            def step(x, xs, rows_only=False):
-                lp, k_cache, v_cache = xs
-
-                def attend(q, k, v, q_rows):
-                    kc = jax.lax.dynamic_update_slice(k_cache, merge(k, k_cache), (0, 0, start, 0))
-                    vc = jax.lax.dynamic_update_slice(v_cache, merge(v, v_cache), (0, 0, start, 0))
-                    dense = None if chunk_mask_BLL is None else with_chunk_mask(
-                        layout.mask(q_rows, slot_idx), q_rows, start)
-                    out = attention(q, _from_cache(kc, dtype), _from_cache(vc, dtype), layout, q_idx_BL=q_rows,
-                                    kv_idx_BS=slot_idx, kv_valid_BS=filled, impl=cfg.attention_impl, mask_BLS=dense)
-                    return out, (kc, vc)
-
-                return layer_body(x, lp, attend, rows_only)
-
-            x, kv = _run_layers(step, x, params["layers"], (cache.k, cache.v), last_body=last_layer(step))
-            if isinstance(kv, list):  # per-layer params: per-layer outputs
-                k_new, v_new = [k for k, _ in kv], [v for _, v in kv]
-                if not cache.unstacked:
-                    k_new, v_new = jnp.stack(k_new), jnp.stack(v_new)
-            else:
-                k_new, v_new = kv
-            new_cache = KVCache(k_new, v_new, new_length)
-        else:
-            cached_valid = slot_idx < start
-            own_valid = jnp.ones((B, L), bool) if kv_valid_BL is None else kv_valid_BL
-            kv_idx = jnp.concatenate([slot_idx, positions], axis=1)
-            kv_valid = jnp.concatenate([cached_valid, own_valid], axis=1)
-
-            def step(x, xs, rows_only=False):
-                lp, k_cached, v_cached = xs
-
-                def attend(q, k, v, q_rows):
-                    keys = jnp.concatenate([_from_cache(k_cached, dtype), k], axis=1)
-                    values = jnp.concatenate([_from_cache(v_cached, dtype), v], axis=1)
-                    dense = None if chunk_mask_BLL is None else with_chunk_mask(
-                        layout.mask(q_rows, kv_idx), q_rows, S)
-                    out = attention(q, keys, values, layout, q_idx_BL=q_rows, kv_idx_BS=kv_idx,
-                                    kv_valid_BS=kv_valid, impl=cfg.attention_impl, mask_BLS=dense)
-                    return out, None
-
-                return layer_body(x, lp, attend, rows_only)
-
-            x, _ = _run_layers(step, x, params["layers"], (cache.k, cache.v), last_body=last_layer(step))
-            new_cache = cache
-
+    x = params["embed"].astype(dtype)[tokens_BL]
+    buffers = () if cache is None else (cache_lib.access(cache).cache.k, cache_lib.access(cache).cache.v)
+    last = None if out_rows is None else functools.partial(layer, rows_only=True)
+    body = layer if cache is not None else _remat(layer, cfg)
+    x, kv_out = _run_layers(body, x, params["layers"], buffers, last_body=last)
+    new_cache = None if cache is None else cache_lib.written(cache, *_collect(kv_out, cache), L)
     if out_rows is not None and not isinstance(params["layers"], (list, tuple)):
-        x = select_rows(x)  # stacked layers ran every row
+        x = _select_rows(x, out_rows)  # stacked layers ran every row
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.norm_eps)
     if return_hidden:
         return x, new_cache
     return logits_from_hidden(params, cfg, x), new_cache
+
+
+def _collect(kv_out, cache):
+    """Per-layer (k, v) outputs in the cache's own form (list or stacked)."""
+    if isinstance(kv_out, list):
+        k_new, v_new = [k for k, _ in kv_out], [v for _, v in kv_out]
+        if not cache_lib.access(cache).cache.unstacked:
+            k_new, v_new = jnp.stack(k_new), jnp.stack(v_new)
+        return k_new, v_new
+    return kv_out
 
 
 def logits_from_hidden(params, cfg, hidden_BLE):

@@ -1,9 +1,7 @@
 """Small shared builders for tests."""
-import dataclasses
-
 import numpy as np
 
-from jaxgen import config
+from jaxgen import config, objectives
 from jaxgen.data import Batches
 
 TINY_MODEL = config.ModelConfig(vocab_size=260, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -11,9 +9,10 @@ TINY_MODEL = config.ModelConfig(vocab_size=260, hidden_size=32, num_layers=2, nu
 
 
 def tiny_train(**kw):
+    """A tiny TrainConfig; `kw` may set TrainConfig fields and the objective's options."""
     base = config.TrainConfig(seq_len=16, batch_size=8, steps=6, lr=1e-2, warmup_steps=2, log_every=2, eval_every=3,
                               ckpt_every=2, progress=False, eval_batches=2)
-    return dataclasses.replace(base, **kw)
+    return objectives.configure(base, **kw)
 
 
 def synthetic_batches(tcfg, rows=64, seed=0):

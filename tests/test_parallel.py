@@ -52,7 +52,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys, jax, numpy as np
     sys.path.insert(0, "tests")
     from helpers import TINY_MODEL, synthetic_batches, tiny_train
-    from jaxgen import parallel, train
+    from jaxgen import parallel
+    from jaxgen.training import loop
     assert jax.device_count() == 8
     out = {}
     for name, mesh_spec, rules, devices in [("one", "", "fsdp", jax.devices()[:1]),
@@ -60,9 +61,9 @@ SCRIPT = textwrap.dedent("""
         tcfg = tiny_train(steps=3, rules=rules, mesh=mesh_spec, objective="masked_diffusion")
         batches, val = synthetic_batches(tcfg)
         mesh = parallel.make_mesh(mesh_spec, devices)
-        r = train.train(TINY_MODEL, tcfg, sys.argv[1] + "/" + name, batches=batches, val_rows=val, mesh=mesh)
+        r = loop.train(TINY_MODEL, tcfg, sys.argv[1] + "/" + name, batches=batches, val_rows=val, mesh=mesh)
         wq = r["state"].params["layers"]["wq"]
-        out[name] = {"losses": [m["loss"] for m in train.read_metrics(r["metrics_path"])],
+        out[name] = {"losses": [m["loss"] for m in loop.read_metrics(r["metrics_path"])],
                      "eval": r["eval_loss"], "wq_devices": len(wq.sharding.device_set),
                      "params": [np.asarray(x).tolist() for x in jax.tree.leaves(r["state"].params)][:3]}
     print(json.dumps(out))

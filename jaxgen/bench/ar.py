@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import hf
+from jaxgen import config, hf, parallel
+from jaxgen import model as model_lib
 from jaxgen.bench.timing import alternate, block, matmul_gflops, median, timed
 from jaxgen.samplers import ar
+from jaxgen.training import loop
+from jaxgen.training.state import init_state, make_optimizer, state_shardings
 
 
 def build_hf_llama(hidden=256, layers=4, heads=4, vocab=4096, seed=0):
@@ -71,14 +74,13 @@ def run(prompt_len=32, new_tokens=128, batches=(1, 8), repeats=5, threads: int |
 
 def train_throughput(preset_name: str, steps: int = 10) -> dict:
     """Tokens/s of the jitted train step of a preset (random batches) and its share of matmul peak."""
-    from jaxgen import config, model, parallel, train
     cfg, tcfg = config.preset(preset_name)
     mesh = parallel.make_mesh("")
-    opt, _ = train.make_optimizer(tcfg)
-    shard = train.state_shardings(cfg, tcfg, mesh, opt)
-    state = train.init_state(cfg, opt, jax.random.key(0), shard)
+    opt, _ = make_optimizer(tcfg)
+    shard = state_shardings(cfg, tcfg, mesh, opt)
+    state = init_state(cfg, opt, jax.random.key(0), shard)
     bshard = parallel.batch_sharding(mesh, tcfg.rules, tcfg.batch_size)
-    step = train.make_train_step(cfg, tcfg, opt, shard, bshard)
+    step = loop.make_train_step(cfg, tcfg, opt, shard, bshard)
     batch = parallel.put_batch({"tokens": np.random.RandomState(0).randint(0, 256, (tcfg.batch_size, tcfg.seq_len))},
                                bshard)
     state, m = step(state, batch, jax.random.key(1))
@@ -90,7 +92,7 @@ def train_throughput(preset_name: str, steps: int = 10) -> dict:
     tokens = tcfg.batch_size * tcfg.seq_len
     tps = tokens / median(times)
     # the embedding lookup is no matmul; a tied embedding is still used once, as the output head
-    n_matmul = model.num_params(state.params) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+    n_matmul = model_lib.num_params(state.params) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
     attn_flops = 12 * cfg.num_layers * tcfg.seq_len * cfg.num_heads * cfg.head_dim  # fwd+bwd QK^T and PV per token
     flops_per_token = 6 * n_matmul + attn_flops
     peak = matmul_gflops()

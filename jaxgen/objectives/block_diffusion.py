@@ -14,12 +14,18 @@ left-to-right as t -> 0). Masked CE is weighted 1 / p_i, the per-token form of L
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.model import forward, logits_from_hidden
+from jaxgen.errors import ConfigError
 from jaxgen.objectives.common import block_batch, corrupt, cross_entropy, sample_block_t
+from jaxgen.objectives.options import BlockOptions, DiffusionOptions
+from jaxgen.objectives.registry import register
 
 
 def position_mask_prob(t_Bn, block_size: int, beta: float, eps: float = 1e-3):
@@ -48,3 +54,25 @@ def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, ant
     value = weighted.sum() / jnp.maximum((loss_mask * ~prompt).sum(), 1.0)
     masked_ce = jnp.where(masked, ce, 0.0).sum() / jnp.maximum(masked.sum(), 1)
     return value, {"loss": value, "masked_ce": masked_ce, "tokens": (loss_mask * ~prompt).sum()}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusionOptions(BlockOptions, DiffusionOptions):
+    """BD3-LM / SDAR block diffusion: block size (and curriculum) plus the diffusion time sampler."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientDLMOptions(BlockDiffusionOptions):
+    position_mask_beta: float = 1.0  # w_i(t) = exp(beta (1 - t) i) inside a block; 0 = uniform (block diffusion)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not math.isfinite(self.position_mask_beta):
+            raise ConfigError(f"position_mask_beta={self.position_mask_beta} must be a finite number")
+
+    def loss_kwargs(self) -> dict:
+        return dict(super().loss_kwargs(), position_beta=self.position_mask_beta)
+
+
+register("block_diffusion", loss, BlockDiffusionOptions)
+register("efficient_dlm", loss, EfficientDLMOptions)

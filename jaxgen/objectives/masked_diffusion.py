@@ -18,6 +18,8 @@ Dream's context-adaptive reweighting (CART) is not implemented: masked tokens ke
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,8 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import corrupt, cross_entropy, loss_and_prompt_masks, sample_t
+from jaxgen.objectives.options import DiffusionOptions
+from jaxgen.objectives.registry import register
 
 
 def prefix_lm_mask(prompt_BL):
@@ -66,3 +70,8 @@ def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True,
     masked_ce = jnp.where(masked, ce, 0.0).sum() / jnp.maximum(masked.sum(), 1)
     return value, {"loss": value, "masked_ce": masked_ce, "mask_rate": masked.sum() / jnp.maximum(answer.sum(), 1.0),
                    "tokens": answer.sum()}
+
+
+register("masked_diffusion", loss, DiffusionOptions)
+register("dream", functools.partial(loss, shift=True), DiffusionOptions)
+register("lavida", functools.partial(loss, complementary=True, prefix_lm=True), DiffusionOptions)

@@ -11,11 +11,13 @@ loss = diffusion + aux_ar_weight * AR, with diffusion = sum over masked tokens o
 by the number of maskable tokens, and AR the mean next-token CE of the clean stream.
 
 With block size 1 nothing is maskable and the loss is the AR loss: NBDiff treats AR as block
-size 1 and grows the block from there (`TrainConfig.curriculum_steps`), starting from AR
+size 1 and grows the block from there (option `curriculum_steps`), starting from AR
 weights (`TrainConfig.init_from`). The paper's growth schedule and loss weight are not public;
 we double the block in equal stages and weight the AR loss 1 (spec §4.3).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 
@@ -23,6 +25,8 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import cross_entropy, next_token_ce, noised_block_batch
+from jaxgen.objectives.options import BlockOptions, DiffusionOptions, check_weight
+from jaxgen.objectives.registry import register
 
 
 def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, antithetic: bool = True,
@@ -43,3 +47,20 @@ def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, ant
     diff = diff_terms.sum() / jnp.maximum(maskable.sum(), 1.0)
     value = diff + aux_ar_weight * ar
     return value, {"loss": value, "ar_ce": ar, "diffusion": diff, "tokens": answer.sum()}
+
+
+@dataclasses.dataclass(frozen=True)
+class NBDiffOptions(BlockOptions, DiffusionOptions):
+    """Block size (and curriculum), the diffusion time sampler and the auxiliary AR loss weight."""
+
+    aux_ar_weight: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_weight("aux_ar_weight", self.aux_ar_weight)
+
+    def loss_kwargs(self) -> dict:
+        return dict(super().loss_kwargs(), aux_ar_weight=self.aux_ar_weight)
+
+
+register("nbdiff", loss, NBDiffOptions)

@@ -10,12 +10,16 @@ loss = (alpha * mean AR CE + mean diffusion CE) / (1 + alpha)   [spec §5.2: alp
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import block_batch, cross_entropy, next_token_ce
+from jaxgen.objectives.options import BlockOptions, check_weight
+from jaxgen.objectives.registry import register
 
 
 def loss(params, cfg, batch, key, *, block_size: int = 8, alpha: float = 1.0):
@@ -32,3 +36,20 @@ def loss(params, cfg, batch, key, *, block_size: int = 8, alpha: float = 1.0):
     diff = (cross_entropy(logits[:, L:], tokens) * answer).sum() / jnp.maximum(answer.sum(), 1.0)
     value = (alpha * ar + diff) / (1.0 + alpha)
     return value, {"loss": value, "ar_ce": ar, "diffusion_ce": diff, "tokens": answer.sum()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TiDAROptions(BlockOptions):
+    """TiDAR: the draft block size (and curriculum) and alpha, the AR loss weight (old key: tidar_alpha)."""
+
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_weight("alpha", self.alpha)
+
+    def loss_kwargs(self) -> dict:
+        return dict(super().loss_kwargs(), alpha=self.alpha)
+
+
+register("tidar", loss, TiDAROptions)

@@ -16,10 +16,12 @@ The model sees [x_o | x_t] (2L tokens, both streams at logical positions 0..L-1)
 loss = diffusion + aux_ar_weight * AR, with diffusion = sum over masked tokens of CE / gamma_k
 divided by the number of answer tokens (Eq. 10 with LLaDA's normalisation) and AR the mean
 next-token CE of the memory stream. The paper's block is 32; it gives no AR weight, we use
-`TrainConfig.aux_ar_weight` (default 1). Rows are reordered with a gather, so the layout stays
+option `aux_ar_weight` (default 1). Rows are reordered with a gather, so the layout stays
 static (no per-row attention mask), as the paper does with Magi Attention.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 
@@ -27,6 +29,8 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import cross_entropy, next_token_ce, noised_block_batch
+from jaxgen.objectives.options import BlockOptions, DiffusionOptions, check_weight
+from jaxgen.objectives.registry import register
 
 
 def reorder_blocks(masked_BL, block_size: int):
@@ -58,3 +62,20 @@ def loss(params, cfg, batch, key, *, block_size: int = 32, eps: float = 1e-3, an
     value = diff + aux_ar_weight * ar
     masked_ce = jnp.where(masked_phys, ce_BL, 0.0).sum() / jnp.maximum(masked.sum(), 1)
     return value, {"loss": value, "ar_ce": ar, "diffusion": diff, "masked_ce": masked_ce, "tokens": answer.sum()}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeDLMOptions(BlockOptions, DiffusionOptions):
+    """Block size (and curriculum), the diffusion time sampler and the auxiliary AR loss weight."""
+
+    aux_ar_weight: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_weight("aux_ar_weight", self.aux_ar_weight)
+
+    def loss_kwargs(self) -> dict:
+        return dict(super().loss_kwargs(), aux_ar_weight=self.aux_ar_weight)
+
+
+register("wedlm", loss, WeDLMOptions)

@@ -1,6 +1,11 @@
-"""Autoregressive decoding with a KV cache: prefill once, then one token per step inside a
-single jitted `lax.while_loop` (greedy, temperature, top-k, top-p; stops early when every row
-has produced EOS)."""
+"""Autoregressive decoding with a KV cache: prefill once, then one token per step on the decode
+skeleton (greedy, temperature, top-k, top-p; stops early when every row has produced EOS).
+
+Ragged batches: with `prompt_lengths`, `prompt` is right-padded and row i's prompt is its first
+`prompt_lengths[i]` tokens. Each row continues from its own length (per-row cache lengths), so
+row i's output, its first `prompt_lengths[i] + max_new_tokens` tokens, is the one it gets
+decoded alone; the columns after that hold padding (cfg.pad_id, else EOS, else 0).
+"""
 from __future__ import annotations
 
 import functools
@@ -8,63 +13,82 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxgen import cache as cache_lib
 from jaxgen import layouts
-from jaxgen.cache import init_cache
+from jaxgen.decoding import checks, loop
+from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.decoding.propose import sample_tokens
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers.common import SamplerOutput, check_prompt, forbid_mask_token, sample_tokens
 
 
 def generate(params, cfg, prompt, key, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, stop_at_eos: bool = False) -> SamplerOutput:
+             top_p: float = 1.0, eos_id: int | None = None, stop_at_eos: bool = False,
+             prompt_lengths=None) -> loop.SamplerOutput:
     """Continue `prompt` [B, P] by `max_new_tokens` tokens.
 
     With `stop_at_eos`, a row that emits EOS (`eos_id`, default cfg.eos_id) is padded with EOS
-    afterwards and the loop ends once all rows have stopped.
+    afterwards and the loop ends once all rows have stopped. `prompt_lengths` ([B] ints): see the
+    module docstring.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     if max_new_tokens <= 0:
         raise JaxgenError(f"max_new_tokens={max_new_tokens} must be positive")
-    check_prompt(prompt, cfg, prompt.shape[1] + max_new_tokens, diffusion=False)
+    checks.check_prompt(prompt, cfg, prompt.shape[1] + max_new_tokens, diffusion=False)
+    lengths = checks.check_prompt_lengths(prompt_lengths, prompt.shape)
     eos = cfg.eos_id if eos_id is None else eos_id
     if stop_at_eos and eos is None:
         raise JaxgenError("stop_at_eos=True needs an eos_id (the config has none)")
-    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                     jnp.int32(-1 if eos is None else eos), max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
-                     greedy=temperature == 0)
+    lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths)
+    return _generate(params, cfg, prompt, lengths, key, jnp.float32(temperature), jnp.int32(top_k),
+                     jnp.float32(top_p), jnp.int32(-1 if eos is None else eos), max_new_tokens=max_new_tokens,
+                     stop_at_eos=stop_at_eos, greedy=temperature == 0)
+
+
+def pad_token(cfg, eos):
+    """What fills the columns after a ragged row's output."""
+    return jnp.int32(cfg.pad_id) if cfg.pad_id is not None else jnp.maximum(eos, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos", "greedy"))
-def _generate(params, cfg, prompt, key, temperature, top_k, top_p, eos, *, max_new_tokens, stop_at_eos, greedy):
+def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, eos, *, max_new_tokens, stop_at_eos,
+              greedy):
     params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
-    cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
-    logits, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
-
+    N = max_new_tokens
     temperature = 0.0 if greedy else temperature  # static greedy: no branch inside the loop
+    causal = layouts.causal()
 
-    def propose(logits_BV, step_key):
-        tok, _ = sample_tokens(forbid_mask_token(logits_BV, cfg), step_key, temperature, top_k, top_p)
+    def propose(logits_BV, state):
+        tok, _ = sample_tokens(forbid_mask_token(logits_BV, cfg), loop.step_key(key, state.step), temperature, top_k,
+                               top_p)
         return tok.astype(jnp.int32)
 
-    first = propose(logits[:, -1], jax.random.fold_in(key, 0))
-    out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    done = (first == eos) & stop_at_eos
+    def update(state, tok_B, commit_B, cache):
+        """Write each row's token at its next column; a stopped row writes EOS."""
+        tok_B = jnp.where(state.done, eos, tok_B)
+        col_B = lengths_B + state.step
+        tokens = state.tokens.at[jnp.arange(B), col_B].set(tok_B)
+        done = state.done | ((tok_B == eos) & stop_at_eos)
+        return state.replace(tokens=tokens, cache=cache, done=done, carry=tok_B)
 
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def decode_forward(state):  # the last token of each row, at its own next slot
+        logits, cache = forward(params, cfg, state.carry[:, None], layout=causal, cache=state.cache)
+        return logits[:, 0], cache, 1
 
-    def body(carry):
-        i, out, cache, done, last = carry
-        logits, cache = forward(params, cfg, last[:, None], layout=layouts.causal(), cache=cache)
-        tok = propose(logits[:, 0], jax.random.fold_in(key, i))
-        tok = jnp.where(done, eos, tok)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-        return i + 1, out, cache, done | ((tok == eos) & stop_at_eos), tok
-
-    i, out, _, done, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done, first))
-    # rows stopped early: the unwritten tail is EOS padding
-    written = jnp.arange(max_new_tokens) < i
-    out = jnp.where(written[None, :], out, eos)
-    return SamplerOutput(tokens=jnp.concatenate([prompt, out], axis=1), nfe=i)
+    recipe = loop.Recipe(forward=decode_forward, propose=propose, rule=lambda tok, state: ~state.done,
+                         update=update)
+    cache = cache_lib.init_cache(cfg, B, P + N, per_layer=True)
+    logits, cache = forward(params, cfg, prompt, layout=causal, cache=cache)  # padded rows: extra slots, ignored
+    cache = cache_lib.with_lengths(cache, lengths_B)
+    canvas = jnp.concatenate([prompt, jnp.zeros((B, N), jnp.int32)], axis=1)
+    state = loop.new_state(canvas, cache, nfe=1)
+    first = propose(loop.take_at(logits, lengths_B - 1), state)
+    state = update(state, first, None, cache).replace(step=jnp.int32(1))
+    state = loop.run(recipe, state, N)
+    # columns a row never wrote: EOS after an early stop inside its output, padding after it
+    col = jnp.arange(P + N)[None, :]
+    end_B = lengths_B + state.step
+    tokens = jnp.where(col < end_B[:, None], state.tokens, eos)
+    tokens = jnp.where(col < (lengths_B + N)[:, None], tokens, pad_token(cfg, eos))
+    return loop.SamplerOutput(tokens=tokens, nfe=state.nfe)

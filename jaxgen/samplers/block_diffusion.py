@@ -28,6 +28,12 @@ picks committed positions and replaces them with the current prediction.
 identical tokens and NFE wherever the reference rewrites nothing.
 Rows of a batch progress independently; finished rows idle until the block is clean everywhere.
 
+Ragged batches (`prompt_lengths`, `prompt` right-padded): each row keeps its own block grid
+(blocks at multiples of `block_length` from its position 0), its own prefill length and its own
+current block; the cache has per-row lengths. Under greedy decoding row i's first
+`prompt_lengths[i] + gen_length` tokens equal that row decoded alone (sampling draws one key per
+step for the whole batch, keyed by row 0's block). NFE is the batch's: rows share each forward.
+
 `fuse_block_write=True` (beyond the reference, same tokens): a clean block's K/V are written by
 the next block's first denoising forward, fed [clean block | next block] (the block-causal
 layout keeps the clean block's K/V independent of the next block, and the next block's queries
@@ -42,14 +48,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen import cache as cache_lib
-from jaxgen import layouts, model
-from jaxgen.model import unstack_layers
+from jaxgen import layouts
+from jaxgen.decoding import checks, loop, rules
+from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.decoding.propose import sample_tokens
+from jaxgen.decoding.schedules import num_transfer_tokens
 from jaxgen.errors import JaxgenError
-from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
-                                    forbid_mask_token, num_transfer_tokens, rank_within_rows, sample_tokens,
-                                    top_k_commit, with_mask_id)
+from jaxgen.model import forward, unstack_layers
 
 REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "first_hitting", "ddpm")
 
@@ -57,14 +65,14 @@ REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "f
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: int = 4,
              denoising_steps: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              remasking: str = "low_confidence_dynamic", threshold: float = 0.9,
-             mask_id: int | None = None, fuse_block_write: bool = False) -> SamplerOutput:
+             mask_id: int | None = None, fuse_block_write: bool = False, prompt_lengths=None) -> loop.SamplerOutput:
     """SDAR block-diffusion sampler; returns tokens [B, P + gen_length] and the forward count.
-    fuse_block_write: write each clean block's K/V in the next block's first forward (see the
-    module docstring)."""
-    cfg = with_mask_id(cfg, mask_id)
+    fuse_block_write: write each clean block's K/V in the next block's first forward; prompt_lengths:
+    a ragged batch (see the module docstring)."""
+    cfg = checks.with_mask_id(cfg, mask_id)
     prompt = jnp.asarray(prompt, jnp.int32)
-    check_choice("remasking", remasking, REMASKING)
-    check_threshold(threshold)
+    checks.check_choice("remasking", remasking, REMASKING)
+    checks.check_threshold(threshold)
     if gen_length <= 0 or block_length <= 0 or denoising_steps <= 0:
         raise JaxgenError(f"gen_length={gen_length}, block_length={block_length}, "
                           f"denoising_steps={denoising_steps} must be positive")
@@ -73,11 +81,13 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: i
     if denoising_steps > block_length and remasking != "first_hitting":
         raise JaxgenError(f"denoising_steps={denoising_steps} > block_length={block_length} would leave steps "
                           "that commit nothing; use denoising_steps <= block_length")
-    P = prompt.shape[1]
+    B, P = prompt.shape
     total = -(-(P + gen_length) // block_length) * block_length
-    check_prompt(prompt, cfg, total, diffusion=True)
-    out = _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                    jnp.float32(threshold), gen_length=gen_length, block_length=block_length,
+    lengths = checks.check_prompt_lengths(prompt_lengths, prompt.shape)
+    checks.check_prompt(prompt, cfg, total, diffusion=True, prompt_lengths=lengths)
+    lengths = np.full((B,), P, np.int32) if lengths is None else lengths
+    out = _generate(params, cfg, prompt, jnp.asarray(lengths), key, jnp.float32(temperature), jnp.int32(top_k),
+                    jnp.float32(top_p), jnp.float32(threshold), gen_length=gen_length, block_length=block_length,
                     denoising_steps=denoising_steps, remasking=remasking, fuse=bool(fuse_block_write))
     return out.replace(tokens=out.tokens[:, : P + gen_length])
 
@@ -85,92 +95,117 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: i
 def commit_rule(remasking, conf_BL, masked_BL, k, threshold, key=None, step=None, steps=None):
     """Which masked positions to commit this step (see module docstring)."""
     if remasking == "first_hitting":
-        return top_k_commit(jnp.where(masked_BL, jax.random.uniform(key, masked_BL.shape), NEG_INF), 1)
+        return rules.first_hitting(masked_BL, key)
     if remasking == "ddpm":
-        return masked_BL & (jax.random.uniform(key, masked_BL.shape) * (steps - step) < 1.0)
+        return rules.ddpm(masked_BL, key, step, steps)
     if remasking == "sequential":
-        order = rank_within_rows(jnp.where(masked_BL, -jnp.arange(masked_BL.shape[1]), NEG_INF))
-        return masked_BL & (order < k)
-    conf = jnp.where(masked_BL, conf_BL, NEG_INF)
-    top = top_k_commit(conf, k)
+        return rules.sequential(masked_BL, k)
     if remasking == "low_confidence_static":
-        return top
-    above = conf > threshold
-    return jnp.where(jnp.sum(above, axis=-1, keepdims=True) >= k, above, top)
+        return rules.scheduled(conf_BL, masked_BL, k)
+    return rules.dynamic(conf_BL, masked_BL, k, threshold)
+
+
+def initial_canvas(prompt, lengths_B, total: int, mask_id: int):
+    """[B, total]: each row's prompt, then MASK (prompt padding becomes MASK too)."""
+    B, P = prompt.shape
+    col = jnp.arange(total)[None, :]
+    padded = jnp.concatenate([prompt, jnp.full((B, total - P), mask_id, jnp.int32)], axis=1)
+    return jnp.where(col < lengths_B[:, None], padded, mask_id)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "denoising_steps", "remasking",
                                              "fuse"))
-def _generate(params, cfg, prompt, key, temperature, top_k, top_p, threshold, *, gen_length, block_length,
+def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, threshold, *, gen_length, block_length,
               denoising_steps, remasking, fuse):
     params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
-    num_blocks = -(-(P + gen_length) // block_length)
-    total = num_blocks * block_length
-    prefill_blocks = P // block_length
-    layout = layouts.block_causal(block_length)
-    schedule = jnp.asarray(num_transfer_tokens(block_length, denoising_steps))
-    x = jnp.full((B, total), cfg.mask_id, jnp.int32).at[:, :P].set(prompt)
+    bl = block_length
+    total = -(-(P + gen_length) // bl) * bl
+    layout = layouts.block_causal(bl)
+    schedule = jnp.asarray(num_transfer_tokens(bl, denoising_steps))
+    first_B = lengths_B // bl  # whole prompt blocks: the first decode block of each row
+    end_B = -(-(lengths_B + gen_length) // bl)  # one past each row's last block
+    bound = bl if remasking == "first_hitting" else denoising_steps
+    offsets = jnp.arange(bl, dtype=jnp.int32)
+
+    def block_start(state):
+        return (first_B + state.carry["block"]) * bl
+
+    def current(state):
+        return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, bl))(state.tokens, block_start(state))
+
+    def read(state, cache):  # a denoising forward over the cache, which it leaves unchanged
+        start_B = block_start(state)
+        logits, _ = forward(params, cfg, current(state), start_B[:, None] + offsets, layout, cache_lib.read(cache))
+        return logits, cache
+
+    def write_previous_and_read(state, cache):  # [clean previous block | this block], one forward
+        prev = block_start(state) - bl
+        fed = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, 2 * bl))(state.tokens, prev)
+        both, written = forward(params, cfg, fed, prev[:, None] + jnp.arange(2 * bl), layout,
+                                cache_lib.write_at(cache, prev))
+        return both[:, bl:], cache_lib.truncate(written, prev + bl)
+
+    def step_forward(state):
+        if not fuse:
+            logits, cache = read(state, state.cache)
+        else:  # step 0 of every block after the first also writes the previous block
+            first_step_later_block = (state.carry["step"] == 0) & (state.carry["block"] > 0)
+            logits, cache = jax.lax.cond(first_step_later_block, write_previous_and_read, read, state, state.cache)
+        return logits, cache, 1
+
+    def propose(logits, state):
+        k_tok = loop.step_key(key, first_B[0] + state.carry["block"], state.carry["step"])
+        tok, conf = sample_tokens(forbid_mask_token(logits, cfg), k_tok, temperature, top_k, top_p)
+        return tok.astype(jnp.int32), conf
+
+    def candidates(state):
+        in_play = first_B + state.carry["block"] < end_B
+        return (current(state) == cfg.mask_id) & in_play[:, None]
+
+    def rule(proposal, state):
+        _, conf = proposal
+        step = state.carry["step"]
+        k_pos = jax.random.fold_in(loop.step_key(key, first_B[0] + state.carry["block"], step), 1)
+        return commit_rule(remasking, conf, candidates(state), schedule[jnp.minimum(step, denoising_steps - 1)],
+                           threshold, k_pos, step, denoising_steps)
+
+    def update(state, proposal, commit, cache):
+        block = jnp.where(commit, proposal[0], current(state))
+        tokens = cache_lib.place_rows(state.tokens, block, block_start(state))
+        return state.replace(tokens=tokens, cache=cache, carry=dict(state.carry, step=state.carry["step"] + 1))
+
+    def write_block(state):  # a clean block's K/V, written once
+        start_B = block_start(state)
+        _, cache = forward(params, cfg, current(state), start_B[:, None] + offsets, layout,
+                           cache_lib.write_at(state.cache, start_B))
+        return state.replace(cache=cache, nfe=state.nfe + 1)
+
+    def after(state):
+        """At a block's end: write its K/V (unless every row is in its last block) and move on."""
+        finished = (state.carry["step"] >= bound) | ~jnp.any(candidates(state))
+
+        def next_block(state):
+            if not fuse:
+                more = jnp.any(first_B + state.carry["block"] < end_B - 1)  # the last block's K/V is never read
+                state = jax.lax.cond(more, write_block, lambda s: s, state)
+            return state.replace(carry=dict(block=state.carry["block"] + 1, step=jnp.int32(0)))
+
+        return jax.lax.cond(finished, next_block, lambda s: s, state)
+
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update, after=after,
+                         active=lambda s: jnp.any(first_B + s.carry["block"] < end_B))
+    x = initial_canvas(prompt, lengths_B, total, cfg.mask_id)
     cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
-    nfe = jnp.int32(0)
-    if prefill_blocks:
-        _, cache = cache_lib.prefill(params, cfg, cache, x[:, : prefill_blocks * block_length], layout)
-        nfe += 1
-
-    def denoise_block(block, carry):
-        x, cache, nfe = carry
-        start = block * block_length
-        positions = jnp.broadcast_to(start + jnp.arange(block_length, dtype=jnp.int32), (B, block_length))
-        cur = jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
-
-        bound = block_length if remasking == "first_hitting" else denoising_steps
-
-        def has_masks(c):
-            step, cur, _ = c
-            return (step < bound) & jnp.any(cur == cfg.mask_id)
-
-        def read(cache, cur):  # a denoising forward over the cache, which it leaves unchanged
-            return cache_lib.read_only(params, cfg, cache, cur, positions, layout), cache
-
-        def write_previous_and_read(cache, cur):  # [clean previous block | this block], one forward
-            prev = jax.lax.dynamic_slice_in_dim(x, start - block_length, block_length, axis=1)
-            both, written = model.forward(params, cfg, jnp.concatenate([prev, cur], axis=1), layout=layout,
-                                          cache=cache, write_at=start - block_length)
-            return both[:, block_length:], cache_lib.truncate(written, start)
-
-        def commit_step(step, cur, nfe, logits):
-            logits = forbid_mask_token(logits, cfg)
-            step_key = jax.random.fold_in(jax.random.fold_in(key, block), step)
-            k_pos = jax.random.fold_in(step_key, 1)  # commit positions (first_hitting, ddpm)
-            tok, conf = sample_tokens(logits, step_key, temperature, top_k, top_p)
-            masked = cur == cfg.mask_id
-            commit = commit_rule(remasking, conf, masked, schedule[jnp.minimum(step, denoising_steps - 1)], threshold,
-                                 k_pos, step, denoising_steps)
-            return step + 1, jnp.where(commit, tok.astype(jnp.int32), cur), nfe + 1
-
-        step = jnp.int32(0)
-        if fuse:  # step 0 (every decode block has a MASK) also writes the previous block
-            logits, cache = jax.lax.cond(block > prefill_blocks, write_previous_and_read, read, cache, cur)
-            step, cur, nfe = commit_step(step, cur, nfe, logits)
-        denoised_over = cache  # later steps read the cache as it is now
-
-        def step_fn(c):
-            step, cur, nfe = c
-            return commit_step(step, cur, nfe, read(denoised_over, cur)[0])
-
-        _, cur, nfe = jax.lax.while_loop(has_masks, step_fn, (step, cur, nfe))
-        x = jax.lax.dynamic_update_slice_in_dim(x, cur, start, axis=1)
-        if fuse:  # the next block's first forward writes this one
-            return x, cache, nfe
-
-        def write_block(args):
-            cache, nfe = args
-            _, cache = cache_lib.commit_block(params, cfg, cache, cur, layout)
-            return cache, nfe + 1
-
-        # the last block's K/V would never be read: skip that forward
-        cache, nfe = jax.lax.cond(block < num_blocks - 1, write_block, lambda a: a, (cache, nfe))
-        return x, cache, nfe
-
-    x, _, nfe = jax.lax.fori_loop(prefill_blocks, num_blocks, denoise_block, (x, cache, nfe))
-    return SamplerOutput(tokens=x, nfe=nfe)
+    nfe = 0
+    prefill = (P // bl) * bl
+    if prefill:  # the whole prompt blocks (rows with fewer keep only theirs)
+        _, cache = forward(params, cfg, x[:, :prefill], layout=layout, cache=cache)
+        nfe = 1
+    cache = cache_lib.with_lengths(cache, first_B * bl)
+    state = loop.new_state(x, cache, nfe=nfe, carry=dict(block=jnp.int32(0), step=jnp.int32(0)))
+    state = loop.run(recipe, state, (total // bl) * bound)
+    col = jnp.arange(total)[None, :]
+    pad = cfg.pad_id if cfg.pad_id is not None else cfg.mask_id
+    tokens = jnp.where(col < (lengths_B + gen_length)[:, None], state.tokens, pad)
+    return loop.SamplerOutput(tokens=tokens, nfe=state.nfe)

@@ -28,9 +28,12 @@ import numpy as np
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    kth_largest_key, nucleus_keep, order_keys, top_k_commit,
-                                    top_two, with_mask_id)
+from jaxgen.decoding.checks import check_choice, check_prompt, with_mask_id
+from jaxgen.decoding import loop
+from jaxgen.decoding.loop import SamplerOutput
+from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.decoding.propose import NEG_INF, kth_largest_key, margin, neg_entropy, nucleus_keep, order_keys
+from jaxgen.decoding.rules import top_k_commit
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -92,10 +95,9 @@ def score_tokens(logits, key, temperature, top_p, top_k, alg):
     tok = jnp.where(temperature > 0, sampled, jnp.argmax(probs, axis=-1))
     conf = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
     if alg == "topk_margin":
-        first, second = top_two(probs)
-        conf = first - second
+        conf = margin(probs)
     elif alg == "entropy":
-        conf = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+        conf = neg_entropy(probs)
     return tok.astype(jnp.int32), conf
 
 
@@ -109,23 +111,31 @@ def _generate(params, cfg, prompt, key, temperature, alg_temp, *, gen_length, st
     counts = jnp.asarray(reveal_counts(gen_length, steps, eps))
     x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
 
-    def step(i, x):
-        logits, _ = forward(params, cfg, x, layout=layouts.full())
+    def step_forward(state):
+        logits, _ = forward(params, cfg, state.tokens, layout=layouts.full())
         logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)  # right shift
-        logits = forbid_mask_token(logits, cfg)
-        k_tok, k_pos = jax.random.split(jax.random.fold_in(key, i))
-        tok, conf = score_tokens(logits, k_tok, temperature, top_p, top_k, alg)
-        masked = x == cfg.mask_id
+        return forbid_mask_token(logits, cfg), None, 1
+
+    def propose(logits, state):
+        k_tok, _ = jax.random.split(jax.random.fold_in(key, state.step))
+        return score_tokens(logits, k_tok, temperature, top_p, top_k, alg)
+
+    def rule(proposal, state):
+        i = state.step
+        _, k_pos = jax.random.split(jax.random.fold_in(key, i))
+        masked = state.tokens == cfg.mask_id
         if alg == "origin":
             p_reveal = jnp.where(i < steps - 1, 1.0 - ts[i + 1] / ts[i], 1.0)
-            take = masked & (jax.random.uniform(k_pos, x.shape) < p_reveal)
-        else:
-            score = jnp.where(masked, conf, NEG_INF)
-            if sample_positions:  # multinomial without replacement = Gumbel top-k on log-softmax
-                score = jnp.where(masked, jax.nn.log_softmax(score / alg_temp, axis=-1)
-                                  + jax.random.gumbel(k_pos, score.shape), NEG_INF)
-            take = top_k_commit(score, counts[i])
-        return jnp.where(take, tok, x)
+            return masked & (jax.random.uniform(k_pos, masked.shape) < p_reveal)
+        score = jnp.where(masked, proposal[1], NEG_INF)
+        if sample_positions:  # multinomial without replacement = Gumbel top-k on log-softmax
+            score = jnp.where(masked, jax.nn.log_softmax(score / alg_temp, axis=-1)
+                              + jax.random.gumbel(k_pos, score.shape), NEG_INF)
+        return top_k_commit(score, counts[i])
 
-    x = jax.lax.fori_loop(0, steps, step, x)
-    return SamplerOutput(tokens=x, nfe=jnp.int32(steps))
+    def update(state, proposal, commit, _):
+        return state.replace(tokens=jnp.where(commit, proposal[0], state.tokens))
+
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update)
+    state = loop.run(recipe, loop.new_state(x), steps)
+    return SamplerOutput(tokens=state.tokens, nfe=state.nfe)

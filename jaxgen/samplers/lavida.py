@@ -25,12 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache
+from jaxgen.cache import init_cache, read
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, forbid_mask_token,
-                                    num_transfer_tokens, top_k_commit, top_two, with_mask_id)
-from jaxgen.samplers.masked_diffusion import gumbel_argmax, validate_blocks
+from jaxgen.decoding.checks import check_choice, check_prompt, with_mask_id
+from jaxgen.decoding import loop, rules
+from jaxgen.decoding.loop import SamplerOutput
+from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.decoding.propose import margin, neg_entropy
+from jaxgen.decoding.schedules import num_transfer_tokens
+from jaxgen.decoding.propose import gumbel_argmax
+from jaxgen.samplers.masked_diffusion import validate_blocks
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
 SCHEDULES = (None, "shift", "cosine", "logit_normal")
@@ -93,10 +98,7 @@ def score(logits, x0, key, remasking):
     probs = jax.nn.softmax(logits, axis=-1)
     if remasking == "low_confidence":
         return jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-    if remasking == "entropy":
-        return jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
-    first, second = top_two(probs)
-    return first - second
+    return neg_entropy(probs) if remasking == "entropy" else margin(probs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "counts", "gen_length", "block_length", "remasking"))
@@ -107,26 +109,40 @@ def _generate(params, cfg, prompt, key, temperature, *, counts, gen_length, bloc
     _, cache = forward(params, cfg, prompt, layout=layouts.full(), cache=cache)  # prompt K/V, once
     positions = jnp.broadcast_to(P + jnp.arange(gen_length, dtype=jnp.int32), (B, gen_length))
     schedule = jnp.asarray(counts, jnp.int32)
-    x = jnp.full((B, gen_length), cfg.mask_id, jnp.int32)
+    per_block = len(counts)
 
-    def step(i, carry):
-        x, nfe = carry
-        b, s = i // len(counts), i % len(counts)
-        start = b * block_length
-        blk = jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
+    def block(state):
+        """(start of the step's block, its tokens)."""
+        start = (state.step // per_block) * block_length
+        return start, jax.lax.dynamic_slice_in_dim(state.tokens, start, block_length, axis=1)
 
-        def run(carry):
-            x, nfe = carry
-            logits, _ = forward(params, cfg, x, positions=positions, layout=layouts.full(), cache=cache,
-                                cache_mode="read", out_rows=(start, block_length))
-            logits = forbid_mask_token(logits, cfg)
-            k_tok, k_conf = jax.random.split(jax.random.fold_in(key, i))
-            x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
-            masked = blk == cfg.mask_id
-            take = top_k_commit(jnp.where(masked, score(logits, x0, k_conf, remasking), NEG_INF), schedule[s])
-            return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(take, x0, blk), start, axis=1), nfe + 1
+    def step_forward(state):  # a clean block costs no forward
+        start, blk = block(state)
 
-        return jax.lax.cond(jnp.any(blk == cfg.mask_id), run, lambda c: c, (x, nfe))
+        def run(_):
+            return forward(params, cfg, state.tokens, positions=positions, layout=layouts.full(), cache=read(cache),
+                           out_rows=(start, block_length))[0]
 
-    x, nfe = jax.lax.fori_loop(0, (gen_length // block_length) * len(counts), step, (x, jnp.int32(1)))
-    return SamplerOutput(tokens=jnp.concatenate([prompt, x], axis=1), nfe=nfe)
+        unclean = jnp.any(blk == cfg.mask_id)
+        skip = lambda _: jnp.zeros((B, block_length, cfg.vocab_size), jnp.float32)
+        return jax.lax.cond(unclean, run, skip, None), None, unclean.astype(jnp.int32)
+
+    def propose(logits, state):
+        k_tok, k_conf = jax.random.split(jax.random.fold_in(key, state.step))
+        logits = forbid_mask_token(logits, cfg)
+        x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
+        return x0, score(logits, x0, k_conf, remasking)
+
+    def rule(proposal, state):
+        _, blk = block(state)
+        return rules.scheduled(proposal[1], blk == cfg.mask_id, schedule[state.step % per_block])
+
+    def update(state, proposal, commit, _):
+        start, blk = block(state)
+        return state.replace(tokens=jax.lax.dynamic_update_slice_in_dim(
+            state.tokens, jnp.where(commit, proposal[0], blk), start, axis=1))
+
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update)
+    state = loop.new_state(jnp.full((B, gen_length), cfg.mask_id, jnp.int32), nfe=1)
+    state = loop.run(recipe, state, (gen_length // block_length) * per_block)
+    return loop.SamplerOutput(tokens=jnp.concatenate([prompt, state.tokens], axis=1), nfe=state.nfe)

@@ -55,12 +55,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, truncate
+from jaxgen.cache import init_cache, read, truncate, write_at
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
 from jaxgen.samplers import learn2pd
-from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
-                                    forbid_mask_token, num_transfer_tokens, top_k_commit, with_mask_id)
+from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
+from jaxgen.decoding.loop import SamplerOutput
+from jaxgen.decoding.processors import classifier_free_guidance, forbid_mask_token
+from jaxgen.decoding import rules
+from jaxgen.decoding.propose import NEG_INF, gumbel_argmax
+from jaxgen.decoding.rules import top_k_commit
+from jaxgen.decoding.schedules import num_transfer_tokens
 
 REMASKING = ("low_confidence", "random")
 CACHES = (None, "prefix", "dual", "dkv_decode", "dkv_greedy")
@@ -160,37 +165,7 @@ def guided_logits(params, cfg, x_BL, prompt_len: int, cfg_scale, out_rows=None):
         return forward(params, cfg, x_BL, layout=layouts.full(), out_rows=out_rows)[0]
     uncond = x_BL.at[:, :prompt_len].set(cfg.mask_id)
     both, _ = forward(params, cfg, jnp.concatenate([x_BL, uncond]), layout=layouts.full(), out_rows=out_rows)
-    cond_l, uncond_l = jnp.split(both, 2)
-    return uncond_l + (cfg_scale + 1.0) * (cond_l - uncond_l)
-
-
-def gumbel_argmax(logits, key, temperature):
-    """argmax(logits + T * Gumbel): LLaDA's exp(l) / (-log u)^T in log space (T = 0: argmax)."""
-    u = jax.random.uniform(key, logits.shape, jnp.float32, minval=1e-20, maxval=1.0)
-    gumbel = -jnp.log(-jnp.log(u))
-    return jnp.argmax(jnp.where(temperature > 0, logits + temperature * gumbel, logits), axis=-1)
-
-
-def threshold_commit(conf_BL, masked_BL, threshold):
-    """Fast-dLLM threshold rule: the most confident masked position, plus all with conf >= threshold."""
-    conf = jnp.where(masked_BL, conf_BL, NEG_INF)
-    best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), conf.shape[-1], dtype=bool)
-    return masked_BL & ((conf >= threshold) | best)
-
-
-def factor_commit(conf_BL, masked_BL, factor):
-    """Fast-dLLM factor rule: commit the n most confident, n = the first rank (from 1) whose
-    sorted confidence falls below 1 - factor / (rank + 1); rank 0 always passes, and when the
-    first failure is the last candidate the reference commits all of them."""
-    conf = jnp.where(masked_BL, conf_BL, NEG_INF)
-    m_B = jnp.sum(masked_BL, axis=-1)
-    sorted_desc = -jnp.sort(-conf, axis=-1)
-    rank = jnp.arange(conf.shape[-1])
-    floor = jnp.where(rank == 0, -1.0, 1.0 - factor / (rank + 2.0))
-    fails = (sorted_desc < floor) & (rank < m_B[:, None])
-    first_fail = jnp.min(jnp.where(fails, rank, conf.shape[-1]), axis=-1)
-    n_B = jnp.where(first_fail >= m_B - 1, m_B, first_fail)
-    return top_k_commit(conf, n_B)
+    return classifier_free_guidance(*jnp.split(both, 2), cfg_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
@@ -229,13 +204,13 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_fi
         x0, conf = propose(logits_BKV, jax.random.fold_in(key, nfe), order_BK)
         masked = block_BK == cfg.mask_id
         if rule == "threshold":
-            take = threshold_commit(conf, masked, level)
+            take = rules.best_plus_above(conf, masked, level)
         elif rule == "factor":
-            take = factor_commit(conf, masked, level)
+            take = rules.factor(conf, masked, level)
         elif rule == "commit_filter":
             take = learn2pd.filter_commit(commit_filter, conf, masked, level)
         else:
-            take = top_k_commit(jnp.where(masked, conf, NEG_INF), schedule[jnp.minimum(step, steps_per_block - 1)])
+            take = rules.scheduled(conf, masked, schedule[jnp.minimum(step, steps_per_block - 1)])
         return jnp.where(take, x0, block_BK), take
 
     block_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
@@ -260,19 +235,19 @@ def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_fi
         if cache is None:
             return guided_logits(params, cfg, x, P, cfg_scale, (start, block_length)), kv
         if cache == "prefix":  # `start` is static here (blocks unrolled): the window is exactly [start, total)
-            logits, _ = forward(params, cfg, x[:, start:], layout=full, cache=kv, cache_mode="read",
+            logits, _ = forward(params, cfg, x[:, start:], layout=full, cache=read(kv),
                                 out_rows=(0, block_length))
             return logits, kv
         if cache == "dual":
-            return forward(params, cfg, block_of(x, start), layout=full, cache=kv, write_at=start)
+            return forward(params, cfg, block_of(x, start), layout=full, cache=write_at(kv, start))
 
         def reload(_):  # every K/V fresh and stored
-            return forward(params, cfg, x, layout=full, cache=kv, write_at=0, out_rows=(start, block_length))
+            return forward(params, cfg, x, layout=full, cache=write_at(kv, 0), out_rows=(start, block_length))
 
         def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V; every
             # earlier block is such, so the fed window starts at the block (`start` static: blocks unrolled)
-            return forward(params, cfg, x[:, start:], layout=full, cache=kv, write_at=start,
-                           keep_cached_BL=prv[:, start:], out_rows=(0, block_length))
+            return forward(params, cfg, x[:, start:], layout=full, cache=write_at(kv, start, prv[:, start:]),
+                           out_rows=(0, block_length))
 
         is_reload = step % reload_every == 0
         if cache == "dkv_decode":

@@ -33,9 +33,11 @@ import jax.numpy as jnp
 from jaxgen import cache as cache_lib
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
-from jaxgen.model import unstack_layers
-from jaxgen.samplers.common import (NEG_INF, SamplerOutput, check_choice, check_prompt, check_threshold,
-                                    forbid_mask_token, with_mask_id)
+from jaxgen.model import forward, unstack_layers
+from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
+from jaxgen.decoding.loop import SamplerOutput
+from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.decoding import rules
 from jaxgen.samplers.dream import score_tokens
 
 ALGS = ("origin", "confidence_threshold", "entropy", "topk_margin")
@@ -81,7 +83,7 @@ def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, b
     num_blocks = gen_length // block_length
     x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
     cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
-    logits, cache = cache_lib.prefill(params, cfg, cache, prompt, layouts.causal())
+    logits, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
 
     def ar_token(logits_BV, k):
         tok, _ = score_tokens(forbid_mask_token(logits_BV, cfg), k, temperature, top_p, top_k, "origin")
@@ -106,16 +108,16 @@ def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, b
 
             def step(c):
                 cur, nfe, stopped = c
-                logits = cache_lib.read_only(params, cfg, cache, cur, positions, layouts.full())
+                logits, _ = forward(params, cfg, cur, positions, layouts.full(), cache_lib.read(cache))
                 logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)  # right shift
                 logits = forbid_mask_token(jax.lax.dynamic_slice_in_dim(logits, lo, sub, axis=1), cfg)
                 tok, conf = score_tokens(logits, jax.random.fold_in(key, nfe), temperature, top_p, top_k, alg)
                 blk = jax.lax.dynamic_slice_in_dim(cur, lo, sub, axis=1)
                 masked = blk == cfg.mask_id
-                conf = jnp.where(masked, conf, NEG_INF)
-                take = masked & jax.nn.one_hot(jnp.argmax(conf, axis=-1), sub, dtype=bool)
                 if alg == "confidence_threshold":
-                    take = take | (masked & (conf > threshold))
+                    take = rules.best_plus_above(conf, masked, threshold, inclusive=False)
+                else:
+                    take = rules.best(conf, masked)
                 cur = jax.lax.dynamic_update_slice_in_dim(cur, jnp.where(take, tok, blk), lo, axis=1)
                 return cur, nfe + 1, stopped
 
@@ -128,7 +130,7 @@ def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, b
 
         def store(args):  # exact causal K/V of the clean block; its last logit starts the next block
             x, cache, nfe = args
-            logits, cache = cache_lib.prefill(params, cfg, cache, cur, layouts.causal())
+            logits, cache = forward(params, cfg, cur, layout=layouts.causal(), cache=cache)
             nxt = ar_token(logits[:, -1], jax.random.fold_in(key, nfe))
             return jax.lax.dynamic_update_slice_in_dim(x, nxt[:, None], start + block_length, axis=1), cache, nfe + 1
 

@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, truncate
+from jaxgen.cache import init_cache, truncate, write_at
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers.common import SamplerOutput, check_prompt, forbid_mask_token, with_mask_id
+from jaxgen.decoding.checks import check_prompt, with_mask_id
+from jaxgen.decoding.loop import SamplerOutput
+from jaxgen.decoding.processors import forbid_mask_token
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, draft_length: int = 8,
@@ -153,8 +155,8 @@ def _decode_row(params, cfg, prompt_P, key, temperature, gen_length, k, greedy):
         done, out, cache, last, drafts, q, nfe = c
         n = done - 1
         chunk = jnp.concatenate([last[None], drafts, jnp.full((k * k,), cfg.mask_id, jnp.int32)])[None]
-        logits, cache = forward(params, cfg, chunk, positions=step_positions(n, k)[None], layout=full, cache=cache,
-                                write_at=n, chunk_mask_BLL=step_mask)
+        logits, cache = forward(params, cfg, chunk, positions=step_positions(n, k)[None], layout=full, cache=write_at(cache, n),
+                                chunk_mask_BLL=step_mask)
         k_ver, k_draft = jax.random.split(jax.random.fold_in(key, nfe))
         a, nxt = verify(logits[0, :k], drafts, q, k_ver, cfg, temperature, greedy)
         block = jax.lax.dynamic_slice_in_dim(logits[0], k + a * k + 1, k - 1, axis=0)

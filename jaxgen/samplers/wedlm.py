@@ -33,11 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, truncate
+from jaxgen.cache import init_cache, truncate, write_at
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers.common import (SamplerOutput, check_prompt, filter_top_k_top_p, forbid_mask_token,
-                                    with_mask_id)
+from jaxgen.decoding.checks import check_prompt, with_mask_id
+from jaxgen.decoding.loop import SamplerOutput
+from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.decoding.propose import filter_top_k_top_p
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, window_size: int = 16,
@@ -115,7 +117,7 @@ def _decode_row(params, cfg, prompt_P, key, threshold, pos_penalty, temperature,
         perm = physical_order(fed, valid, cfg.mask_id)
         valid_phys = valid[perm]
         logits, cache = forward(params, cfg, fed[perm][None], positions=(done + perm)[None], layout=layouts.full(),
-                                cache=cache, write_at=done, kv_valid_BL=valid_phys[None],
+                                cache=write_at(cache, done), kv_valid_BL=valid_phys[None],
                                 chunk_mask_BLL=(causal_F & valid_phys[None, :])[None])
         cache = truncate(cache, done + lead)  # the leading decoded tokens are committed with exact K/V
         logits_W = jnp.zeros((F, logits.shape[-1]), logits.dtype).at[perm].set(logits[0])  # logical order

@@ -34,32 +34,6 @@ def test_params_have_logical_axes(tiny_cfg, tiny_params):
                  is_leaf=lambda x: isinstance(x, tuple))
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer"])
-@pytest.mark.parametrize("layout", [layouts.causal(), layouts.block_causal(4)], ids=lambda l: l.kind)
-def test_cache_prefill_append_equals_full(layout, per_layer, tiny_cfg, tiny_params):
-    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 256)
-    full, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layout)
-    c = cache_lib.init_cache(tiny_cfg, 2, 16, per_layer=per_layer)
-    a, c = cache_lib.prefill(tiny_params, tiny_cfg, c, tokens[:, :8], layout)
-    b, c = cache_lib.append(tiny_params, tiny_cfg, c, tokens[:, 8:], layout)
-    assert int(c.length) == 12
-    np.testing.assert_allclose(np.concatenate([a, b], 1), full, rtol=2e-5, atol=5e-5)
-
-
-def test_cache_read_only_equals_full_block_causal(tiny_cfg, tiny_params):
-    """A denoising step (read-only cache + current block) equals the full block-causal forward."""
-    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
-    layout = layouts.block_causal(4)
-    full, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layout)
-    c = cache_lib.init_cache(tiny_cfg, 2, 12)
-    _, c = cache_lib.commit_block(tiny_params, tiny_cfg, c, tokens[:, :8], layout)
-    pos = jnp.broadcast_to(jnp.arange(8, 12), (2, 4))
-    out = cache_lib.read_only(tiny_params, tiny_cfg, c, tokens[:, 8:], pos, layout)
-    np.testing.assert_allclose(out, full[:, 8:], rtol=2e-5, atol=5e-5)
-    assert int(c.length) == 8
-    assert int(cache_lib.truncate(c, 4).length) == 4
-
-
 def test_decode_form_with_bias_qk_norm_gqa_and_cache_round_trip():
     from jaxgen.config import ModelConfig
     cfg = ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -74,11 +48,11 @@ def test_decode_form_with_bias_qk_norm_gqa_and_cache_round_trip():
     assert {"wqkv", "bqkv", "w_gate_up"} <= set(fused["layers"][0]) and "wq" not in fused["layers"][0]
     np.testing.assert_allclose(model.forward(fused, cfg, tokens)[0], ref, rtol=1e-5, atol=1e-5)
     c = cache_lib.init_cache(cfg, 2, 9, per_layer=True)
-    _, c = cache_lib.prefill(params, cfg, c, tokens, layouts.causal())
+    _, c = model.forward(params, cfg, tokens, cache=c)
     stacked = cache_lib.stack_cache(c)
     chex.assert_shape(stacked.k, (2, 2, 2, 9, 8))  # [N, B, K, S, D]
     chex.assert_trees_all_close(cache_lib.unstack_cache(stacked).k, c.k)
-    _, mixed = cache_lib.prefill(fused, cfg, cache_lib.init_cache(cfg, 2, 9), tokens, layouts.causal())
+    _, mixed = model.forward(fused, cfg, tokens, cache=cache_lib.init_cache(cfg, 2, 9))
     chex.assert_trees_all_close(mixed.v, stacked.v, rtol=1e-5, atol=1e-5)  # decode-form params, stacked cache
 
 
@@ -117,8 +91,8 @@ def test_out_rows_equal_a_slice_of_all_rows(with_cache, tiny_cfg, tiny_params):
     layout = layouts.full()
     kw = {}
     if with_cache:
-        _, c = cache_lib.prefill(tiny_params, tiny_cfg, cache_lib.init_cache(tiny_cfg, 2, 4), tokens[:, :4], layout)
-        tokens, kw = tokens[:, 4:], dict(cache=c, cache_mode="read", positions=jnp.broadcast_to(jnp.arange(4, 12), (2, 8)))
+        _, c = model.forward(tiny_params, tiny_cfg, tokens[:, :4], layout=layout, cache=cache_lib.init_cache(tiny_cfg, 2, 4))
+        tokens, kw = tokens[:, 4:], dict(cache=cache_lib.read(c))
     every, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layout, **kw)
     rows = jax.jit(lambda p, t, s: model.forward(p, tiny_cfg, t, layout=layout, out_rows=(s, 3), **kw)[0])
     for params in (tiny_params, model.unstack_layers(tiny_params)):

@@ -1,10 +1,12 @@
 """Objectives: values, the SFT prompt rule, and block size 1 reducing to next-token prediction."""
+import dataclasses as dc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen import layouts, model
+from jaxgen import config, layouts, model, objectives
 from jaxgen.objectives import ar, block_diffusion, common, masked_diffusion, nbdiff, wedlm
 
 
@@ -75,11 +77,9 @@ def test_block_diffusion_gradients_flow(tiny_cfg, tiny_params):
 
 @pytest.mark.parametrize("objective", ["tidar", "lavida", "nbdiff", "efficient_dlm", "wedlm", "dream"])
 def test_new_objectives_from_train_config(tiny_cfg, tiny_params, objective):
-    import dataclasses as dc
-
-    from jaxgen import config, objectives
+    """Each registered objective's loss, with its default options (block size 4) bound."""
     cfg = dc.replace(tiny_cfg, mask_id=259)
-    fn = objectives.for_train_config(config.TrainConfig(objective=objective, seq_len=16, block_size=4))
+    fn = objectives.loss_for(config.TrainConfig(objective=objective, seq_len=16))
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, 16)), jnp.int32)
     value, metrics = fn(tiny_params, cfg, {"tokens": tokens}, jax.random.key(0))
     assert np.isfinite(float(value)) and float(value) > 0

@@ -1,32 +1,15 @@
-"""Pieces every decode loop shares: outputs, token proposal, commit helpers, input checks.
+"""Token proposals: filters, sampling and scores of a step's logits.
 
-Greedy convention everywhere: token = argmax, confidence = softmax(logits)[token]. The mask
-token is never a candidate (its logit is -inf), so no loop can wait forever on it.
+Greedy convention everywhere: token = argmax, confidence = softmax(logits)[token]. Vocabulary-
+wide sorts are slow on XLA:CPU and O(V log V), so top-k / top-p cutoffs are found by bisection
+over order-preserving int32 keys.
 """
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from jaxgen.errors import JaxgenError
-from jaxgen.model import check_tokens
 
 NEG_INF = -jnp.inf
-
-
-@flax.struct.dataclass
-class SamplerOutput:
-    tokens: jax.Array  # [B, P + N]
-    nfe: jax.Array  # int32 scalar: model forward passes
-
-
-def forbid_mask_token(logits_BLV, cfg):
-    """Set the mask token's logit to -inf so it is never proposed."""
-    if cfg.mask_id is None:
-        return logits_BLV
-    return logits_BLV.at[..., cfg.mask_id].set(NEG_INF)
 
 
 def order_keys(x):
@@ -40,8 +23,7 @@ def order_keys(x):
 def smallest_key(keys, pred):
     """Per row, the smallest integer t in [min, max] of `keys` (last axis) with pred(t) true,
     for a pred that is false below some point and true from it on, and true at the max: 32
-    bisection steps of one pass over the row each, instead of a sort (slow on XLA:CPU, and
-    O(V log V) for a vocabulary V)."""
+    bisection steps of one pass over the row each, instead of a sort."""
     lo = jnp.min(keys, axis=-1, keepdims=True)
     hi = jnp.max(keys, axis=-1, keepdims=True)
 
@@ -91,6 +73,11 @@ def filter_top_k_top_p(logits, top_k, top_p):
     return jnp.where((top_p < 1.0) & ~nucleus_keep(logits, top_p), NEG_INF, logits)
 
 
+def prob_of(logits, tok):
+    """softmax(logits)[tok] along the last axis."""
+    return jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tok[..., None], axis=-1)[..., 0]
+
+
 def sample_tokens(logits, key, temperature, top_k=0, top_p=1.0):
     """(tokens, prob of each token): greedy at temperature 0, else categorical over the
     temperature-scaled, top-k/top-p filtered distribution (SDAR/HF order: T, top-k, top-p).
@@ -98,69 +85,31 @@ def sample_tokens(logits, key, temperature, top_k=0, top_p=1.0):
 
     def greedy(_):
         tok = jnp.argmax(logits, axis=-1)
-        prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), tok[..., None], axis=-1)[..., 0]
-        return tok, prob
+        return tok, prob_of(logits, tok)
 
     def sample(_):
         scaled = filter_top_k_top_p(logits / temperature, top_k, top_p)
         tok = jax.random.categorical(key, scaled, axis=-1)
-        prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), tok[..., None], axis=-1)[..., 0]
-        return tok, prob
+        return tok, prob_of(scaled, tok)
 
     if isinstance(temperature, (int, float)):
         return sample(None) if temperature > 0 else greedy(None)
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
-def rank_within_rows(score_BL):
-    """Rank of each entry in its row by descending score; ties go to the lower index."""
-    order = jnp.argsort(-score_BL, axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1, stable=True)
+def gumbel_argmax(logits, key, temperature):
+    """argmax(logits + T * Gumbel): LLaDA's exp(l) / (-log u)^T in log space (T = 0: argmax)."""
+    u = jax.random.uniform(key, logits.shape, jnp.float32, minval=1e-20, maxval=1.0)
+    gumbel = -jnp.log(-jnp.log(u))
+    return jnp.argmax(jnp.where(temperature > 0, logits + temperature * gumbel, logits), axis=-1)
 
 
-def top_k_commit(conf_BL, k_B):
-    """Commit the k highest-confidence candidates per row (candidates have conf > -inf)."""
-    k_B = jnp.asarray(k_B)
-    k_B = jnp.broadcast_to(k_B, conf_BL.shape[:1]) if k_B.ndim == 0 else k_B
-    return (rank_within_rows(conf_BL) < k_B[:, None]) & (conf_BL > NEG_INF)
+def margin(probs):
+    """Top-1 minus top-2 probability (Dream/LaViDa/NBDiff `topk_margin` score)."""
+    first, second = top_two(probs)
+    return first - second
 
 
-def num_transfer_tokens(n: int, steps: int) -> np.ndarray:
-    """LLaDA/SDAR schedule: n tokens over `steps`, base n//steps, the first n%steps get one more."""
-    counts = np.full((steps,), n // steps, np.int32)
-    counts[: n % steps] += 1
-    return counts
-
-
-def check_prompt(prompt, cfg, total_len: int, *, diffusion: bool):
-    """Validate ids and total length; diffusion prompts may not contain the mask token."""
-    check_tokens(prompt, cfg, "prompt")
-    if total_len > cfg.max_seq_len:
-        raise JaxgenError(f"prompt + new tokens = {total_len} exceeds the model's max_seq_len={cfg.max_seq_len}; "
-                          "shorten the prompt or ask for fewer tokens")
-    if diffusion:
-        if cfg.mask_id is None:
-            raise JaxgenError("this model config has mask_id=None; diffusion sampling needs a mask token "
-                              "(set mask_id in the config or pass mask_id=...)")
-        if not isinstance(prompt, jax.core.Tracer) and np.any(np.asarray(prompt) == cfg.mask_id):
-            raise JaxgenError(f"the prompt contains the mask token id {cfg.mask_id}; prompts must be clean tokens")
-
-
-def check_choice(name: str, value, choices):
-    if value not in choices:
-        raise JaxgenError(f"{name}={value!r}; use one of {', '.join(map(repr, choices))}")
-
-
-def check_threshold(threshold, name: str = "threshold"):
-    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
-        raise JaxgenError(f"{name}={threshold} must lie in (0, 1]")
-
-
-def with_mask_id(cfg, mask_id):
-    """The config with `mask_id` overridden (validated against the vocabulary)."""
-    import dataclasses
-    if mask_id is None:
-        return cfg
-    if not 0 <= int(mask_id) < cfg.vocab_size:
-        raise JaxgenError(f"mask_id={mask_id} is outside the vocabulary [0, {cfg.vocab_size})")
-    return dataclasses.replace(cfg, mask_id=int(mask_id))
+def neg_entropy(probs, eps: float = 1e-10):
+    """sum p log(p + eps): higher is more certain (Dream/LaViDa/NBDiff `entropy` score)."""
+    return jnp.sum(probs * jnp.log(probs + eps), axis=-1)

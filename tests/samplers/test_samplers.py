@@ -1,7 +1,6 @@
 """Samplers against independent step-by-step references written from the specs (no cache, no jit)."""
 import contextlib
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,12 +218,6 @@ def test_mask_token_is_never_a_candidate(tiny_cfg, tiny_params, monkeypatch):
         assert (np.asarray(out.tokens) != tiny_cfg.mask_id).all()
 
 
-class JitTest(chex.TestCase):
-    def test_sampler_outputs_are_pytrees(self):
-        out = ar.SamplerOutput(tokens=jnp.zeros((1, 2), jnp.int32), nfe=jnp.int32(1))
-        chex.assert_trees_all_equal_structs(out, jax.tree.map(lambda x: x + 0, out))
-
-
 def test_bad_inputs(tiny_cfg, tiny_params):
     key = jax.random.key(0)
     with pytest.raises(JaxgenError, match="not a multiple of block_length"):
@@ -245,44 +238,3 @@ def test_bad_inputs(tiny_cfg, tiny_params):
         ar.generate(tiny_params, tiny_cfg, PROMPT, key, max_new_tokens=500)
     with pytest.raises(JaxgenError, match="mask_id=999"):
         masked_diffusion.generate(tiny_params, tiny_cfg, PROMPT, key, gen_length=8, steps=8, mask_id=999)
-
-
-def sorted_cumsum_filter(logits, top_k, top_p, inclusive=False):
-    """HF's definition, float64: sort, keep the top k, then the sorted entries whose preceding
-    mass is < top_p (<= with `inclusive`), plus every tie of the smallest entry kept."""
-    keep = np.zeros(logits.shape, bool)
-    for r, row in enumerate(np.asarray(logits, np.float64)):
-        order = np.argsort(-row, kind="stable")
-        k = min(top_k, len(row)) if top_k > 0 else len(row)
-        kth = row[order[k - 1]]
-        kept = np.where(row >= kth, row, -np.inf)
-        probs = np.exp(kept[order] - kept[order[0]])
-        probs /= probs.sum()
-        before = np.cumsum(probs) - probs
-        inside = before <= top_p if inclusive else before < top_p
-        cutoff = row[order][inside].min() if top_p < 1 else kth
-        keep[r] = (row >= kth) & (row >= cutoff)
-    return keep
-
-
-def test_top_k_top_p_filters_match_the_sorting_definition():
-    from jaxgen.samplers.common import filter_top_k_top_p, nucleus_keep
-    rng = np.random.RandomState(0)
-    logits = (rng.randn(6, 300) * np.array([0.3, 1, 3, 8, 1, 1])[:, None]).astype(np.float32)
-    logits[4, rng.choice(300, 40, replace=False)] = logits[4].max()  # a tie group at the top
-    logits[5, :50] = -np.inf  # forbidden entries (the mask token)
-    logits[5, 50:60] = 2.5  # ties in the middle
-    for top_k, top_p in [(0, 0.9), (0, 0.5), (5, 1.0), (7, 0.6), (0, 1e-6), (400, 0.99)]:
-        ours = np.isfinite(np.asarray(filter_top_k_top_p(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p))))
-        np.testing.assert_array_equal(ours, sorted_cumsum_filter(logits, top_k, top_p), err_msg=f"{top_k} {top_p}")
-    for top_p in (0.9, 0.5, 1e-6):
-        ours = np.asarray(nucleus_keep(jnp.asarray(logits), top_p, inclusive=True))
-        np.testing.assert_array_equal(ours, sorted_cumsum_filter(logits, 0, top_p, inclusive=True))
-
-
-def test_top_two_counts_ties_twice():
-    from jaxgen.samplers.common import top_two
-    x = jnp.asarray([[0.1, 0.5, 0.2, 0.5], [0.7, 0.1, 0.2, 0.0], [-jnp.inf, 1.0, -jnp.inf, -jnp.inf]])
-    first, second = top_two(x)
-    np.testing.assert_array_equal(first, np.float32([0.5, 0.7, 1.0]))
-    np.testing.assert_array_equal(second, np.float32([0.5, 0.2, -np.inf]))

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from helpers import TINY_MODEL, synthetic_batches, tiny_train
-from jaxgen import runs, train
-from jaxgen.errors import CheckpointError
+from jaxgen import objectives
+from jaxgen.training import loop, runs
+from jaxgen.errors import CheckpointError, ConfigError
 
 
 def run(out, tcfg, **kw):
     batches, val = synthetic_batches(tcfg)
-    return train.train(TINY_MODEL, tcfg, out, batches=batches, val_rows=val, **kw)
+    return loop.train(TINY_MODEL, tcfg, out, batches=batches, val_rows=val, **kw)
 
 
 @pytest.mark.parametrize("objective", ["ar", "block_diffusion"])
@@ -23,8 +24,8 @@ def test_stop_and_resume_is_bit_for_bit(tmp_path, objective):
     resumed = run(tmp_path / "split", tcfg)["state"]
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
-    m_full = train.read_metrics(tmp_path / "full" / "metrics.jsonl")
-    m_split = train.read_metrics(tmp_path / "split" / "metrics.jsonl")
+    m_full = loop.read_metrics(tmp_path / "full" / "metrics.jsonl")
+    m_split = loop.read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["loss"] for r in m_full] == [r["loss"] for r in m_split if r["step"] in {x["step"] for x in m_full}]
     assert m_split[-1]["step"] == 6 and "eval_loss" in m_split[-1]
     steps = sorted(int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir() if p.name.isdigit())
@@ -34,8 +35,8 @@ def test_stop_and_resume_is_bit_for_bit(tmp_path, objective):
 def test_loss_decreases_and_run_loads_back(tmp_path):
     tcfg = tiny_train(steps=20, log_every=5, lr=1e-2)
     batches, _ = synthetic_batches(tcfg, rows=8)  # memorisable
-    result = train.train(TINY_MODEL, tcfg, tmp_path / "r", batches=batches, val_rows=batches.rows)
-    losses = [r["loss"] for r in train.read_metrics(result["metrics_path"])]
+    result = loop.train(TINY_MODEL, tcfg, tmp_path / "r", batches=batches, val_rows=batches.rows)
+    losses = [r["loss"] for r in loop.read_metrics(result["metrics_path"])]
     assert losses[-1] < losses[0] - 0.5
     cfg, tc, params = runs.load_run(tmp_path / "r")
     assert cfg == TINY_MODEL and tc == tcfg
@@ -75,7 +76,7 @@ def test_model_config_change_is_refused(tmp_path):
     run(tmp_path / "r", tcfg)
     batches, val = synthetic_batches(tcfg)
     with pytest.raises(CheckpointError, match="different model config"):
-        train.train(dataclasses.replace(TINY_MODEL, hidden_size=64), tcfg, tmp_path / "r", batches=batches)
+        loop.train(dataclasses.replace(TINY_MODEL, hidden_size=64), tcfg, tmp_path / "r", batches=batches)
 
 
 def test_metrics_file_is_jsonl(tmp_path):
@@ -89,18 +90,17 @@ def test_metrics_file_is_jsonl(tmp_path):
 def test_block_curriculum_stages_and_bit_for_bit_resume(tmp_path):
     """NBDiff's curriculum: block 1 (AR), 2, then 4 over curriculum_steps; one compiled step per
     stage, and a run stopped inside a stage resumes exactly."""
-    from jaxgen import config
     tcfg = tiny_train(objective="nbdiff", block_size=4, curriculum_steps=4)
-    assert [config.block_size_at(tcfg, s) for s in range(6)] == [1, 1, 2, 4, 4, 4]
+    assert [objectives.options_of(tcfg).at_step(s).block_size for s in range(6)] == [1, 1, 2, 4, 4, 4]
     full = run(tmp_path / "full", tcfg)["state"]
     run(tmp_path / "split", tcfg, stop_after=3)
     resumed = run(tmp_path / "split", tcfg)["state"]
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
-    logged = {r["step"]: r["block_size"] for r in train.read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    logged = {r["step"]: r["block_size"] for r in loop.read_metrics(tmp_path / "full" / "metrics.jsonl")}
     assert logged == {2: 1, 4: 4, 6: 4}
-    with pytest.raises(Exception, match="not a multiple of block size"):
-        tiny_train(objective="nbdiff", seq_len=18, block_size=6, curriculum_steps=4)  # stage 4 does not divide 18
+    with pytest.raises(ConfigError, match="not a multiple of block size 4"):  # stage 4 does not divide 18
+        tiny_train(objective="nbdiff", seq_len=18, block_size=6, curriculum_steps=4)
 
 
 def test_init_from_another_run(tmp_path):
@@ -114,4 +114,4 @@ def test_init_from_another_run(tmp_path):
         np.testing.assert_array_equal(a, b)
     batches, val = synthetic_batches(tcfg)
     with pytest.raises(CheckpointError, match="another config"):
-        train.train(dc.replace(TINY_MODEL, mlp_dim=32), tcfg, tmp_path / "other", batches=batches, val_rows=val)
+        loop.train(dc.replace(TINY_MODEL, mlp_dim=32), tcfg, tmp_path / "other", batches=batches, val_rows=val)

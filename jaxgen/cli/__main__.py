@@ -1,0 +1,6 @@
+"""`python -m jaxgen.cli ...` = `jaxgen ...`."""
+import sys
+
+from jaxgen.cli import main
+
+sys.exit(main())

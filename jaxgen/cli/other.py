@@ -1,0 +1,40 @@
+"""`jaxgen bench` and `jaxgen demo`."""
+from __future__ import annotations
+
+from jaxgen import demo
+from jaxgen.bench import ar as bench_ar
+from jaxgen.bench import dlm as bench_dlm
+
+
+def run_bench(args):
+    (bench_ar if args.what == "ar" else bench_dlm).main(args)
+
+
+def run_demo(args):
+    demo.run(out_dir=args.out, steps=args.steps, preset=args.preset, gen_length=args.gen_length,
+             overrides=args.overrides, progress=not args.no_progress)
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
+    b.add_argument("what", choices=("ar", "dlm"), help="ar: vs HF generate; dlm: LLaDA vs a PyTorch loop, "
+                   "and each Fast-dLLM mode vs no cache")
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=128, help="ar only")
+    b.add_argument("--batches", default="1,8", help="ar only")
+    b.add_argument("--gen-length", type=int, default=256, help="dlm only")
+    b.add_argument("--block-length", type=int, default=32, help="dlm only")
+    b.add_argument("--steps", type=int, default=0, help="dlm only (default: gen-length)")
+    b.add_argument("--batch", type=int, default=1, help="dlm only")
+    b.add_argument("--repeats", type=int, default=None, help="timed rounds (default: ar 5, dlm 3)")
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(fn=run_bench)
+
+    d = sub.add_parser("demo", help="train and sample AR, masked- and block-diffusion models (offline)")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--preset", default="tiny")
+    d.add_argument("--gen-length", type=int, default=64)
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+    d.set_defaults(fn=run_demo)

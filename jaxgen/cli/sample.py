@@ -1,0 +1,159 @@
+"""`jaxgen sample`: decode from a run or a HF checkpoint with any registered sampler.
+
+The sampler flags are generated from the samplers' `generate` keyword arguments
+(`jaxgen.samplers.registry.options`): `foo_bar=0.5` becomes `--foo-bar`, typed after the
+sampler chosen. Only flags given on the command line are passed (plus the few CLI defaults
+below), and a flag the chosen sampler does not take is refused, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax
+import numpy as np
+
+from jaxgen import data, hf
+from jaxgen.errors import ConfigError, JaxgenError
+from jaxgen.samplers import learn2pd
+from jaxgen.samplers import registry as samplers
+from jaxgen.training import runs
+
+# One flag for what the samplers name differently: the first keyword a sampler takes wins.
+ALIASES = {
+    "gen_length": ("gen_length", "max_new_tokens"),
+    "block_length": ("block_length", "draft_length", "window_size"),
+    "steps": ("steps", "denoising_steps"),
+    "threshold": ("threshold", "entropy_threshold"),
+}
+DEFAULTS = {"gen_length": 64, "block_length": 16}  # passed when not given and the sampler takes them
+STEPS_FOLLOW = {"steps": "gen_length", "denoising_steps": "block_length"}  # unset: one token per step
+
+
+def sampler_flags() -> dict[str, list[tuple[str, samplers.Option]]]:
+    """flag name -> [(sampler, the option it sets)] over every registered sampler; an alias flag
+    lists the keyword it stands for in each sampler that takes one."""
+    flags: dict[str, list] = {}
+    for sampler in samplers.names():
+        options = samplers.options(sampler)
+        for name in ALIASES:
+            target = _target(name, options, False)
+            if target is not None:
+                flags.setdefault(name, []).append((sampler, options[target]))
+        for name, option in options.items():
+            if name not in ALIASES:
+                flags.setdefault(name, []).append((sampler, option))
+    return flags
+
+
+def _help(name: str, takers) -> str:
+    said = "; ".join(f"{s}: {'' if o.name == name else o.name + ' '}{o.type.__name__} = {o.default!r}"
+                     for s, o in takers)
+    return said + (f" (jaxgen sample sends {DEFAULTS[name]} unless given)" if name in DEFAULTS else "")
+
+
+def add_parser(sub) -> None:
+    aliases = ", ".join(f"--{k.replace('_', '-')} = {' / '.join(v)}" for k, v in ALIASES.items())
+    s = sub.add_parser("sample", help="generate from a trained run or a HF checkpoint",
+                       description=f"Sampler flags are the chosen sampler's generate keywords; aliases: {aliases}")
+    s.add_argument("--run", help="a jaxgen train --out folder")
+    s.add_argument("--hf", help="a Hugging Face checkpoint folder")
+    s.add_argument("--tokenizer", help="bytes or a tokenizer.json (default: the run's)")
+    s.add_argument("--sampler", default="ar", help=f"one of {', '.join(samplers.names())}")
+    s.add_argument("--prompt", default="def ")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--filter", help="a Learn2PD filter folder (jaxgen train --objective learn2pd); "
+                   "--threshold is then the filter's tau")
+    for name, takers in sampler_flags().items():
+        flag = "--" + name.replace("_", "-")
+        if any(o.type is bool for _, o in takers):
+            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=_help(name, takers))
+        else:
+            s.add_argument(flag, default=argparse.SUPPRESS, metavar="VALUE", help=_help(name, takers))
+    s.set_defaults(fn=run_sample)
+
+
+def _target(flag: str, options: dict, with_filter: bool) -> str | None:
+    """The generate keyword `flag` sets for a sampler with `options`, or None."""
+    candidates = ("filter_threshold",) if with_filter and flag == "threshold" else ALIASES.get(flag, (flag,))
+    return next((c for c in candidates if c in options), None)
+
+
+def _convert(raw, option: samplers.Option, flag: str):
+    """A flag's text as the option's type ("none" -> None where the option allows it)."""
+    if isinstance(raw, bool) or option.type is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"--{flag.replace('_', '-')} is not a switch for this sampler; pass a value")
+        return raw
+    if option.optional and raw.lower() == "none":
+        return None
+    try:
+        return option.type(raw)
+    except ValueError:
+        kind = option.type.__name__
+        article = "an" if kind == "int" else "a"
+        raise ConfigError(f"--{flag.replace('_', '-')}={raw!r} is not {article} {kind}") from None
+
+
+def _flags_of(options: dict) -> str:
+    """What a sampler takes, for error messages: its flags and the aliases that reach them."""
+    dash = lambda name: "--" + name.replace("_", "-")
+    aliases = [f"{dash(a)} sets {t}" for a in ALIASES if (t := _target(a, options, False)) not in (None, a)]
+    return f"its flags: {', '.join(dash(o) for o in options)}" + (f" ({'; '.join(aliases)})" if aliases else "")
+
+
+def sampler_kwargs(args) -> dict:
+    """The keyword arguments of `args.sampler`'s generate from the flags given; refuses flags
+    the sampler does not take (naming the ones it does)."""
+    name = args.sampler
+    samplers.get(name)
+    options = samplers.options(name)
+    flags = sampler_flags()
+    given = {k: v for k, v in vars(args).items() if k in flags}
+    kwargs = {}
+    for flag, raw in given.items():
+        target = _target(flag, options, bool(args.filter))
+        if target is None:
+            raise ConfigError(f"sampler {name!r} takes no --{flag.replace('_', '-')}; {_flags_of(options)}")
+        if target in kwargs:
+            raise ConfigError(f"two flags set {target!r} of sampler {name!r}; pass one")
+        kwargs[target] = _convert(raw, options[target], flag)
+    for flag, value in DEFAULTS.items():
+        target = _target(flag, options, False)
+        if target is not None:
+            kwargs.setdefault(target, value)
+    for steps, follow in STEPS_FOLLOW.items():
+        if steps in options and steps not in kwargs and _target(follow, options, False) in kwargs:
+            kwargs[steps] = kwargs[_target(follow, options, False)]
+    if args.filter:
+        if not samplers.accepts(name, "commit_filter"):
+            raise ConfigError(f"--filter needs a sampler that takes a commit filter (masked_diffusion), not {name!r}")
+        kwargs["commit_filter"] = learn2pd.load_filter(args.filter)
+    return kwargs
+
+
+def load_model(args):
+    """(cfg, params, tokenizer name) from --run or --hf."""
+    if bool(args.run) == bool(args.hf):
+        raise JaxgenError("pass exactly one of --run OUT (a jaxgen train folder) or --hf DIR (a HF checkpoint)")
+    if args.run:
+        cfg, tcfg, params = runs.load_run(args.run)
+        return cfg, params, tcfg.tokenizer
+    cfg, params = hf.load(args.hf)
+    tok = pathlib.Path(args.hf) / "tokenizer.json"
+    return cfg, params, str(tok) if tok.exists() else "bytes"
+
+
+def run_sample(args):
+    generate = samplers.get(args.sampler)
+    kwargs = sampler_kwargs(args)  # bad flags fail before the model loads
+    cfg, params, tok_name = load_model(args)
+    tokenizer = data.get_tokenizer(args.tokenizer or tok_name)
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + list(tokenizer.encode(args.prompt))
+    prompt = np.asarray([ids] * args.batch, np.int32)
+    out = generate(params, cfg, prompt, jax.random.key(args.seed), **kwargs)
+    for row in np.asarray(out.tokens):
+        print(repr(tokenizer.decode(row)))
+    print(f"nfe={int(out.nfe)}")

@@ -1,0 +1,185 @@
+"""The resumable train loop: a pure jitted train_step with shardings, eval, metrics, checkpoints.
+
+The loop is deterministic in (seed, step): batch `step` comes from `Batches.at(step)` and the
+step's key is fold_in(train_key, step), so a stopped and resumed run ends bit-for-bit where an
+uninterrupted run ends. A curriculum (the objective's `options.at_step`) compiles one step per
+stage.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxgen import data as data_lib
+from jaxgen import objectives, parallel
+from jaxgen.training.checkpoint import Checkpointer
+from jaxgen.training.runs import init_state_from_run, write_run_config
+from jaxgen.training.state import TrainState, init_state, make_optimizer, state_shardings
+
+
+def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, loss_fn=None):
+    """jit(step)(state, batch, key) -> (state, metrics), with gradient accumulation over
+    `tcfg.grad_accum` micro-batches; `loss_fn` defaults to tcfg's objective loss."""
+    loss_fn = loss_fn or objectives.loss_for(tcfg)
+    accum = tcfg.grad_accum
+
+    def micro_grads(params, batch, key):
+        (_, metrics), grads = jax.value_and_grad(lambda p: loss_fn(p, cfg, batch, key), has_aux=True)(params)
+        return grads, metrics
+
+    def step(state, batch, key):
+        if accum == 1:
+            grads, metrics = micro_grads(state.params, batch, key)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(acc, xs):
+                i, mb = xs
+                g, m = micro_grads(state.params, mb, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, acc, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, state.params,
+                                                                 jax.tree.map(lambda x: x[0], micro), key))
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            metrics = {k: (v if k == "tokens" else v / accum) for k, v in metrics.items()}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    rep = parallel.replicated(batch_shard.mesh)
+    return jax.jit(step, in_shardings=(shardings, batch_shard, rep), out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(cfg, tcfg):
+    """jit(eval)(params, batch, key) -> metrics of tcfg's objective (final options, no curriculum)."""
+    loss_fn = objectives.loss_for(tcfg)
+    return jax.jit(lambda params, batch, key: loss_fn(params, cfg, batch, key)[1])
+
+
+def evaluate(eval_step, params, val_rows, tcfg, batch_shard) -> float:
+    """Mean loss over `eval_batches` fixed validation batches with fixed keys (comparable across runs)."""
+    bs = tcfg.batch_size
+    n = min(tcfg.eval_batches, max(1, len(val_rows) // bs))
+    losses = []
+    for i in range(n):
+        rows = val_rows[i * bs:(i + 1) * bs]
+        if len(rows) < bs:
+            rows = np.resize(rows, (bs,) + rows.shape[1:])
+        batch = parallel.put_batch({"tokens": rows}, batch_shard)
+        losses.append(float(eval_step(params, batch, jax.random.key(10_000 + i))["loss"]))
+    return float(np.mean(losses))
+
+
+def _truncate_metrics(path: pathlib.Path, last_step: int):
+    """Drop metrics logged after `last_step` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _prepare_out(out: pathlib.Path, fresh: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "run_config.json").unlink(missing_ok=True)
+
+
+def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key):
+    """The latest checkpoint in `out` (metrics after it dropped), else `init_from`'s params, else init."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.eval_shape(lambda k: init_state(cfg, optimizer, k, shardings), init_key)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        _truncate_metrics(out / "metrics.jsonl", latest)
+        return ckpt.restore(latest, abstract)
+    if tcfg.init_from:
+        return init_state_from_run(cfg, optimizer, tcfg.init_from, shardings)
+    return init_state(cfg, optimizer, init_key, shardings)
+
+
+def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, mesh=None, fresh: bool = False,
+          stop_after: int | None = None, desc: str | None = None) -> dict:
+    """Train (or resume) into `out_dir`. Returns {"state", "eval_loss", "metrics_path", ...}.
+
+    `stop_after` ends the loop early at that step (after checkpointing), as an interruption would.
+    """
+    options = objectives.options_of(tcfg)  # refuse bad objective options before touching out_dir
+    out = pathlib.Path(out_dir)
+    _prepare_out(out, fresh)
+    write_run_config(out, cfg, tcfg)
+    if batches is None:
+        tokenizer = tokenizer or data_lib.get_tokenizer(tcfg.tokenizer)
+        batches, val_rows = data_lib.corpus(tcfg, tokenizer)
+    mesh = mesh or parallel.make_mesh(tcfg.mesh)
+    optimizer, schedule = make_optimizer(tcfg)
+    shardings = state_shardings(cfg, tcfg, mesh, optimizer)
+    batch_shard = parallel.batch_sharding(mesh, tcfg.rules, tcfg.batch_size)
+    init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
+    ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
+    state = _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key)
+    stage_steps = {}  # options of a curriculum stage -> its compiled train step
+
+    def train_step(state, batch, key, stage):
+        if stage not in stage_steps:
+            stage_steps[stage] = make_train_step(cfg, tcfg, optimizer, shardings, batch_shard,
+                                                 objectives.loss_for(tcfg, stage))
+        return stage_steps[stage](state, batch, key)
+
+    eval_step = make_eval_step(cfg, tcfg)
+    start, end = int(state.step), tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
+    metrics_path = out / "metrics.jsonl"
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    eval_loss = None
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not tcfg.progress, desc=desc or tcfg.objective,
+               dynamic_ncols=True, leave=False)
+    t_last, steps_since = time.perf_counter(), 0
+    with open(metrics_path, "a") as log:
+        for step in range(start, end):
+            stage = options.at_step(step)
+            batch = parallel.put_batch(batches.at(step), batch_shard)
+            state, metrics = train_step(state, batch, jax.random.fold_in(train_key, step), stage)
+            steps_since += 1
+            done = step + 1
+            is_last = done == tcfg.steps
+            if done % tcfg.log_every == 0 or is_last or done == end:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - t_last
+                record = {"step": done, "loss": metrics["loss"], "lr": float(schedule(done - 1)),
+                          "grad_norm": metrics["grad_norm"], "tokens_per_s": steps_since * tokens_per_step / elapsed,
+                          **stage.log_fields()}
+                if val_rows is not None and (done % tcfg.eval_every == 0 or is_last):
+                    eval_loss = record["eval_loss"] = evaluate(eval_step, state.params, val_rows, tcfg, batch_shard)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                t_last, steps_since = time.perf_counter(), 0
+            if done % tcfg.ckpt_every == 0 or is_last or done == end:
+                ckpt.save(done, state)
+            bar.update(1)
+    bar.close()
+    ckpt.close()
+    return {"state": state, "eval_loss": eval_loss, "metrics_path": metrics_path, "out": out,
+            "tokens_per_step": tokens_per_step}
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float = 1.0) -> float:
+    return loss_nats_per_token / math.log(2) / bytes_per_token

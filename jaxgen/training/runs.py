@@ -1,0 +1,79 @@
+"""Run folders: run_config.json (written at start, read back), the latest params, and starting
+one run from another's weights."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+
+from jaxgen import config as config_lib
+from jaxgen.errors import CheckpointError
+from jaxgen.objectives.settings import migrate_legacy
+from jaxgen.training.checkpoint import Checkpointer
+from jaxgen.training.state import init_state, make_optimizer, state_from_params
+
+
+def run_record(cfg, tcfg) -> dict:
+    """The JSON record of a run: model and train configs (objective options as a mapping)."""
+    train = dataclasses.asdict(tcfg)
+    train["data_files"] = list(tcfg.data_files)
+    train["objective_options"] = dict(tcfg.objective_options)
+    return {"model": dataclasses.asdict(cfg), "train": train}
+
+
+def train_config_from_record(train: dict) -> config_lib.TrainConfig:
+    """A TrainConfig from run_config.json's "train" (old records, with the objective knobs at the
+    top level, are migrated into objective_options)."""
+    train = migrate_legacy(train)
+    return config_lib.TrainConfig(**dict(train, data_files=tuple(train.get("data_files", ()))))
+
+
+def write_run_config(out: pathlib.Path, cfg, tcfg) -> None:
+    """Record the run in out/run_config.json (atomically); refuse a folder holding a run of
+    another model config."""
+    path = out / "run_config.json"
+    record = run_record(cfg, tcfg)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous["model"] != record["model"]:
+            before = previous["model"]
+            diff = {k: (before.get(k), v) for k, v in record["model"].items() if before.get(k) != v}
+            raise CheckpointError(f"{out} holds a run with a different model config {diff}; use another --out "
+                                  "or --fresh")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def load_run(out_dir):
+    """(model cfg, train cfg, params) of the latest checkpoint in a `jaxgen train` output folder."""
+    out = pathlib.Path(out_dir)
+    record_path = out / "run_config.json"
+    if not record_path.exists():
+        raise CheckpointError(f"{out} has no run_config.json; pass the --out folder of a jaxgen train run")
+    record = json.loads(record_path.read_text())
+    cfg = config_lib.model_config_from_dict(record["model"])
+    tcfg = train_config_from_record(record["train"])
+    ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
+    step = ckpt.latest_step()
+    if step is None:
+        raise CheckpointError(f"{out / 'checkpoints'} holds no checkpoint yet")
+    optimizer, _ = make_optimizer(tcfg)
+    abstract = jax.eval_shape(lambda k: init_state(cfg, optimizer, k, None), jax.random.key(0))
+    state = ckpt.restore(step, abstract)
+    ckpt.close()
+    return cfg, tcfg, state.params
+
+
+def init_state_from_run(cfg, optimizer, run_dir, shardings):
+    """Step 0 with the latest params of another run (e.g. AR weights adapted to diffusion) and a
+    fresh optimizer. The model configs must agree."""
+    src_cfg, _, params = load_run(run_dir)
+    if src_cfg != cfg:
+        diff = {k: (getattr(src_cfg, k), getattr(cfg, k)) for k in dataclasses.asdict(cfg)
+                if getattr(src_cfg, k) != getattr(cfg, k)}
+        raise CheckpointError(f"init_from={run_dir!s} holds a model with another config {diff} (theirs, ours); "
+                              "train with the same model keys")
+    return state_from_params(params, optimizer, shardings)
