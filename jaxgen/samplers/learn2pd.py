@@ -76,3 +76,13 @@ def load_filter(out_dir) -> dict:
                           "fit it again with `jaxgen train --objective learn2pd`") from None
     finally:
         manager.close()
+
+
+def end_of_text_fill(x_BT, prompt_len, eos_id: int, mask_id: int):
+    """Learn2PD's EoTP: every MASK after the first generated EOS of a row becomes EOS (`prompt_len`
+    a scalar or one per row)."""
+    T = x_BT.shape[1]
+    pos = jnp.arange(T)
+    is_eos = (x_BT == eos_id) & (pos >= jnp.reshape(jnp.asarray(prompt_len), (-1, 1)))
+    first_eos_B = jnp.min(jnp.where(is_eos, pos, T), axis=1)
+    return jnp.where((x_BT == mask_id) & (pos > first_eos_B[:, None]), eos_id, x_BT)

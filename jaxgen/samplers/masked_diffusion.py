@@ -55,16 +55,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, read, truncate, write_at
+from jaxgen import cache as cache_lib
+from jaxgen.cache import read, write_at
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers import learn2pd
+from jaxgen.samplers import dkv, learn2pd
 from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
+from jaxgen.decoding import checks, loop
 from jaxgen.decoding.loop import SamplerOutput
-from jaxgen.decoding.processors import classifier_free_guidance, forbid_mask_token
+from jaxgen.decoding.processors import classifier_free_guidance, forbid_mask_token, forbid_token
 from jaxgen.decoding import rules
-from jaxgen.decoding.propose import NEG_INF, gumbel_argmax
-from jaxgen.decoding.rules import top_k_commit
+from jaxgen.decoding.propose import gumbel_argmax, prob_of
 from jaxgen.decoding.schedules import num_transfer_tokens
 
 REMASKING = ("low_confidence", "random")
@@ -77,7 +78,7 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
              mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
              cache_reloading_step: int = 4, window_size: int = 4, alg: str | None = None, alg_temp: float | None = None,
              top_p: float | None = None, top_k: int | None = None, commit_filter=None,
-             filter_threshold: float = 0.5, eotp: bool = False) -> SamplerOutput:
+             filter_threshold: float = 0.5, eotp: bool = False, prompt_lengths=None) -> SamplerOutput:
     """LLaDA / Fast-dLLM sampler (see the module docstring).
 
     eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
@@ -91,6 +92,9 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
       logits, Dream's time grid; `steps` forwards.
     commit_filter, filter_threshold: Learn2PD's filter params (`learn2pd.load_filter`) and tau.
     eotp: End-of-Text Prediction (needs cfg.eos_id).
+    prompt_lengths: [B] ints for a right-padded ragged `prompt` (cache None or "dual"): each row's
+      blocks start after its own prompt; under greedy decoding row i's first prompt_lengths[i] +
+      gen_length tokens equal that row decoded alone, and the columns after them hold MASK.
     """
     if alg is not None:
         from jaxgen.samplers import dream
@@ -104,12 +108,18 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     check_choice("remasking", remasking, REMASKING)
     check_choice("cache", cache, CACHES)
     validate_blocks(gen_length, block_length, steps)
-    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
+    lengths = checks.check_prompt_lengths(prompt_lengths, prompt.shape)
+    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True, prompt_lengths=lengths)
+    if lengths is not None and cache not in (None, "dual"):
+        raise JaxgenError(f"prompt_lengths (a ragged batch) works with cache=None or 'dual', not cache={cache!r}: "
+                          "its reduced steps feed a static window [block start, end of canvas); decode rows of "
+                          "one length together instead")
+    lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths)
     check_threshold(threshold)
-    rules = [name for name, v in (("threshold", threshold), ("factor", factor), ("commit_filter", commit_filter))
+    chosen = [name for name, v in (("threshold", threshold), ("factor", factor), ("commit_filter", commit_filter))
              if v is not None]
-    if len(rules) > 1:
-        raise JaxgenError(f"{' and '.join(rules)} are separate commit rules; pass one of them")
+    if len(chosen) > 1:
+        raise JaxgenError(f"{' and '.join(chosen)} are separate commit rules; pass one of them")
     if commit_filter is not None:
         check_threshold(filter_threshold, "filter_threshold")
         if remasking != "low_confidence":
@@ -136,9 +146,9 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
         raise JaxgenError(f"window_size={window_size} must be >= 0")
     if (eos_logit_inf or confidence_eos_inf) and cfg.eos_id is None:
         raise JaxgenError("eos_logit_inf / confidence_eos_inf need cfg.eos_id")
-    rule = rules[0] if rules else "schedule"
+    rule = chosen[0] if chosen else "schedule"
     level = jnp.float32({"threshold": threshold, "factor": factor, "commit_filter": filter_threshold}.get(rule, 0.0))
-    return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(cfg_scale), level, commit_filter,
+    return _generate(params, cfg, prompt, lengths, key, jnp.float32(temperature), jnp.float32(cfg_scale), level, commit_filter,
                      gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
                      rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
                      guided=cfg_scale > 0, reload_every=int(cache_reloading_step),
@@ -158,197 +168,182 @@ def validate_blocks(gen_length: int, block_length: int, steps: int):
                           f"gen_length/block_length); use e.g. steps={num_blocks * max(1, steps // num_blocks)}")
 
 
-def guided_logits(params, cfg, x_BL, prompt_len: int, cfg_scale, out_rows=None):
+def guided_logits(params, cfg, x_BL, prompt_len, cfg_scale, out_rows=None, valid_BL=None):
     """Full-layout logits (of `out_rows` only, see `model.forward`); with a guidance scale,
-    classifier-free guidance against prompt -> MASK. cfg_scale=None skips guidance at trace time."""
+    classifier-free guidance against prompt -> MASK (`prompt_len` a scalar or one per row).
+    cfg_scale=None skips guidance at trace time. valid_BL: the canvas columns that are keys."""
     if cfg_scale is None:
-        return forward(params, cfg, x_BL, layout=layouts.full(), out_rows=out_rows)[0]
-    uncond = x_BL.at[:, :prompt_len].set(cfg.mask_id)
-    both, _ = forward(params, cfg, jnp.concatenate([x_BL, uncond]), layout=layouts.full(), out_rows=out_rows)
+        return forward(params, cfg, x_BL, layout=layouts.full(), out_rows=out_rows, kv_valid_BL=valid_BL)[0]
+    in_prompt = jnp.arange(x_BL.shape[1])[None, :] < jnp.reshape(jnp.asarray(prompt_len), (-1, 1))
+    uncond = jnp.where(in_prompt, cfg.mask_id, x_BL)
+    twice = lambda a: None if a is None else jnp.concatenate([a, a])
+    rows = None if out_rows is None else (twice(jnp.broadcast_to(out_rows[0], x_BL.shape[:1])), out_rows[1])
+    both, _ = forward(params, cfg, jnp.concatenate([x_BL, uncond]), layout=layouts.full(), out_rows=rows,
+                      kv_valid_BL=twice(valid_BL))
     return classifier_free_guidance(*jnp.split(both, 2), cfg_scale)
+
+
+def commit(rule, conf_BK, masked_BK, level, k, commit_filter):
+    """The step's commit mask under the chosen rule (see the module docstring)."""
+    if rule == "threshold":
+        return rules.best_plus_above(conf_BK, masked_BK, level)
+    if rule == "factor":
+        return rules.factor(conf_BK, masked_BK, level)
+    if rule == "commit_filter":
+        return learn2pd.filter_commit(commit_filter, conf_BK, masked_BK, level)
+    return rules.scheduled(conf_BK, masked_BK, k)
+
+
+STATIC_WINDOW = ("prefix", "dkv_decode", "dkv_greedy")  # blocks unrolled: each feeds [start, end of canvas)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
                                              "cache", "eos_logit_inf", "confidence_eos_inf", "guided",
                                              "reload_every", "window_size", "eotp"))
-def _generate(params, cfg, prompt, key, temperature, cfg_scale, level, commit_filter, *, gen_length, steps,
-              block_length, remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every,
+def _generate(params, cfg, prompt, lengths_B, key, temperature, cfg_scale, level, commit_filter, *, gen_length,
+              steps, block_length, remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every,
               window_size, eotp):
     params = unstack_layers(params)  # once per call, not per step
     cfg_scale = cfg_scale if guided else None
     B, P = prompt.shape
+    bl = block_length
     total = P + gen_length
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    schedule = jnp.asarray(num_transfer_tokens(block_length, steps_per_block))
-    max_k = int(num_transfer_tokens(block_length, steps_per_block).max())
+    num_blocks = gen_length // bl
+    per_block = steps // num_blocks
+    schedule = jnp.asarray(num_transfer_tokens(bl, per_block))
+    max_k = int(num_transfer_tokens(bl, per_block).max())
     full = layouts.full()
-    x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
+    col = jnp.arange(total)[None, :]
+    valid_BL = col < (lengths_B + gen_length)[:, None]  # ragged rows: padding after each row is no key
+    x = jnp.where(col < lengths_B[:, None], jnp.pad(prompt, ((0, 0), (0, gen_length))), cfg.mask_id)
+    fixed_steps = cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp
+    bound = per_block if rule == "schedule" else bl  # >= 1 commit per step
+    offsets = jnp.arange(bl)
 
-    def propose(logits_BLV, step_key, order_BK):
-        logits = forbid_mask_token(logits_BLV, cfg)
-        if eos_logit_inf:
-            logits = logits.at[..., cfg.eos_id].set(NEG_INF)
-        k_tok, k_conf = jax.random.split(step_key)
-        x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
-        if order_BK is not None:  # dKV-Cache-Greedy: one random order per block
-            return x0, order_BK
-        if remasking == "random":
-            return x0, jax.random.uniform(k_conf, x0.shape)
-        if confidence_eos_inf:
-            logits = logits.at[..., cfg.eos_id].set(NEG_INF)
-        return x0, jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), x0[..., None], axis=-1)[..., 0]
+    def start_of(state):  # [B]: each row's current block start
+        return lengths_B + state.carry["block"] * bl
 
-    def commit(block_BK, logits_BKV, step, nfe, order_BK=None):
-        """(new block, committed positions) from the block's logits; `nfe` keys the step's randomness."""
-        x0, conf = propose(logits_BKV, jax.random.fold_in(key, nfe), order_BK)
-        masked = block_BK == cfg.mask_id
-        if rule == "threshold":
-            take = rules.best_plus_above(conf, masked, level)
-        elif rule == "factor":
-            take = rules.factor(conf, masked, level)
-        elif rule == "commit_filter":
-            take = learn2pd.filter_commit(commit_filter, conf, masked, level)
-        else:
-            take = rules.scheduled(conf, masked, schedule[jnp.minimum(step, steps_per_block - 1)])
-        return jnp.where(take, x0, block_BK), take
+    def block_of(x, start_B):
+        return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, bl))(x, start_B)
 
-    block_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
-
-    def place(x, new_block, start):
-        x = jax.lax.dynamic_update_slice_in_dim(x, new_block, start, axis=1)
-        return end_of_text_fill(x, P, cfg.eos_id, cfg.mask_id) if eotp else x
-
-    def refresh(x, start):
+    def refresh(state):
         """Step 0 of a block: a full forward (writing every K/V in cached modes); block logits."""
-        rows = (start, block_length)
+        rows = (start_of(state), bl)
         if cache is None:
-            return guided_logits(params, cfg, x, P, cfg_scale, rows), None
-        logits, kv = forward(params, cfg, x, layout=full, cache=init_cache(cfg, B, total, per_layer=True),
-                             out_rows=rows)
-        return logits, truncate(kv, start) if cache == "prefix" else kv
+            return guided_logits(params, cfg, state.tokens, lengths_B, cfg_scale, rows, valid_BL), state.cache
+        fresh = cache_lib.init_cache(cfg, B, total, per_layer=True)
+        logits, kv = forward(params, cfg, state.tokens, layout=full, cache=fresh, out_rows=rows, kv_valid_BL=valid_BL)
+        kv = cache_lib.with_lengths(kv, lengths_B + gen_length)
+        return logits, cache_lib.truncate(kv, start_of(state)) if cache == "prefix" else kv
 
-    def cached_step(x, kv, start, step, prv):
-        """(logits of the current block, cache) of one step after step 0; `prv` = positions whose
-        stored K/V this step keeps (dKV decode: unmasked before the previous step; dKV greedy: not
-        scheduled for recomputation)."""
+    def later_step(state, start):
+        """(block logits, cache) of a step after step 0; `start` is static in the unrolled modes."""
+        x, kv = state.tokens, state.cache
         if cache is None:
-            return guided_logits(params, cfg, x, P, cfg_scale, (start, block_length)), kv
-        if cache == "prefix":  # `start` is static here (blocks unrolled): the window is exactly [start, total)
-            logits, _ = forward(params, cfg, x[:, start:], layout=full, cache=read(kv),
-                                out_rows=(0, block_length))
-            return logits, kv
+            return refresh(state)
+        if cache == "prefix":
+            return forward(params, cfg, x[:, start:], layout=full, cache=read(kv), out_rows=(0, bl))[0], kv
         if cache == "dual":
-            return forward(params, cfg, block_of(x, start), layout=full, cache=write_at(kv, start))
+            start_B = start_of(state)
+            return forward(params, cfg, block_of(x, start_B), start_B[:, None] + offsets, full, write_at(kv, start_B))
 
         def reload(_):  # every K/V fresh and stored
-            return forward(params, cfg, x, layout=full, cache=write_at(kv, 0), out_rows=(start, block_length))
+            return forward(params, cfg, x, layout=full, cache=write_at(kv, 0), out_rows=(start, bl))
 
-        def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V; every
-            # earlier block is such, so the fed window starts at the block (`start` static: blocks unrolled)
-            return forward(params, cfg, x[:, start:], layout=full, cache=write_at(kv, start, prv[:, start:]),
-                           out_rows=(0, block_length))
+        def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V
+            kept = state.carry["kept"][:, start:]
+            return forward(params, cfg, x[:, start:], layout=full, cache=write_at(kv, start, kept), out_rows=(0, bl))
 
-        is_reload = step % reload_every == 0
-        if cache == "dkv_decode":
-            is_reload = is_reload | (step == 1)
+        step = state.carry["step"]
+        is_reload = (step % reload_every == 0) | ((step == 1) & (cache == "dkv_decode"))
         return jax.lax.cond(is_reload, reload, delayed, None)
 
-    def kept_after(x_before, x_after, take_BK, order_BK, start, step):
+    def make_recipe(start=None):
+        """The step rules; `start` (static) for the unrolled modes, else each row's block start."""
+
+        def step_forward(state):
+            if cache is None:
+                logits, kv = refresh(state)
+            else:
+                logits, kv = jax.lax.cond(state.carry["step"] == 0, refresh, lambda s: later_step(s, start), state)
+            return logits, kv, 1
+
+        def propose(logits, state):
+            logits = forbid_token(forbid_mask_token(logits, cfg), cfg.eos_id if eos_logit_inf else None)
+            k_tok, k_conf = jax.random.split(jax.random.fold_in(key, state.nfe))
+            x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
+            if cache == "dkv_greedy":  # one random order per block
+                return x0, state.carry["order"]
+            if remasking == "random":
+                return x0, jax.random.uniform(k_conf, x0.shape)
+            logits = forbid_token(logits, cfg.eos_id if confidence_eos_inf else None)
+            return x0, prob_of(logits, x0)
+
+        def rule_(proposal, state):
+            masked = block_of(state.tokens, start_of(state)) == cfg.mask_id
+            k = schedule[jnp.minimum(state.carry["step"], per_block - 1)]
+            return commit(rule, proposal[1], masked, level, k, commit_filter)
+
+        def update(state, proposal, take, kv):
+            start_B = start_of(state)
+            block = jnp.where(take, proposal[0], block_of(state.tokens, start_B))
+            x_new = cache_lib.place_rows(state.tokens, block, start_B)
+            if eotp:
+                x_new = learn2pd.end_of_text_fill(x_new, lengths_B, cfg.eos_id, cfg.mask_id)
+            carry = dict(state.carry, step=state.carry["step"] + 1)
+            if cache in ("dkv_decode", "dkv_greedy"):
+                carry["kept"] = kept_after(state, x_new, take, start)
+            return state.replace(tokens=x_new, cache=kv, carry=carry)
+
+        return dict(forward=step_forward, propose=propose, rule=rule_, update=update)
+
+    def kept_after(state, x_after, take_BK, start):
         """Positions whose stored K/V the next step keeps (dKV modes)."""
+        x_before, step = state.tokens, state.carry["step"]
         if cache != "dkv_greedy":
             return x_before != cfg.mask_id
-        next_k = schedule[jnp.minimum(step + 1, steps_per_block - 1)] * (step + 1 < steps_per_block)
-        recompute = greedy_recompute(x_before == cfg.mask_id, take_BK, block_of(x_after, start) == cfg.mask_id,
-                                     order_BK, next_k, start, max_k, window_size)
+        next_k = schedule[jnp.minimum(step + 1, per_block - 1)] * (step + 1 < per_block)
+        recompute = dkv.greedy_recompute(x_before == cfg.mask_id, take_BK, block_of(x_after, start_of(state)) ==
+                                         cfg.mask_id, state.carry["order"], next_k, start, max_k, window_size)
         return ~recompute
 
-    def denoise_block(b, carry):
-        x, nfe = carry
-        start = P + b * block_length
-        order = greedy_order_scores(key, b, B, block_length) if cache == "dkv_greedy" else None
-        logits, kv = refresh(x, start)
-        new_block, take = commit(block_of(x, start), logits, 0, nfe, order)
-        x_new = place(x, new_block, start)
-        kept = kept_after(x, x_new, take, order, start, 0)
-        x = x_new
-        nfe = nfe + 1
-        bound = steps_per_block if rule == "schedule" else block_length  # >= 1 commit per step
+    def block_unclean(state):
+        return jnp.any(block_of(state.tokens, start_of(state)) == cfg.mask_id)
 
-        def cond(c):
-            step, x = c[:2]
-            if cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp:
-                return step < bound  # LLaDA (and dKV-Cache): fixed steps per block
-            return (step < bound) & jnp.any(block_of(x, start) == cfg.mask_id)
+    def block_carry(b):
+        carry = dict(block=jnp.int32(b), step=jnp.int32(0))
+        if cache in ("dkv_decode", "dkv_greedy"):
+            carry["kept"] = jnp.zeros((B, total), bool)
+        if cache == "dkv_greedy":
+            carry["order"] = dkv.greedy_order_scores(key, b, B, bl)
+        return carry
 
-        def body(c):
-            step, x, kv, nfe, kept = c
-            logits, kv = cached_step(x, kv, start, step, kept)
-            new_block, take = commit(block_of(x, start), logits, step, nfe, order)
-            x_new = place(x, new_block, start)
-            return step + 1, x_new, kv, nfe + 1, kept_after(x, x_new, take, order, start, step)
-
-        _, x, _, nfe, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), x, kv, nfe, kept))
-        return x, nfe
-
-    if eotp:  # blocks left clean by an earlier EOS cost no forward
-        run_block = denoise_block
-        denoise_block = lambda b, c: jax.lax.cond(
-            jnp.any(block_of(c[0], P + b * block_length) == cfg.mask_id), lambda c: run_block(b, c), lambda c: c, c)
-    if cache in ("prefix", "dkv_decode", "dkv_greedy"):  # static window [start, total): blocks unrolled
-        carry = (x, jnp.int32(0))
+    kv0 = None if cache is None else cache_lib.init_cache(cfg, B, total, per_layer=True)
+    state = loop.new_state(x, kv0, carry=block_carry(0))
+    if cache in STATIC_WINDOW:  # the fed window [start, total) is static: one run per block, unrolled
         for b in range(num_blocks):
-            carry = denoise_block(b, carry)
-        x, nfe = carry
-    else:
-        x, nfe = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, jnp.int32(0)))
-    return SamplerOutput(tokens=x, nfe=nfe)
+            recipe = loop.Recipe(**make_recipe(P + b * bl),
+                                 active=lambda s: (s.carry["step"] < bound) if fixed_steps else
+                                 (s.carry["step"] < bound) & block_unclean(s))
+            state = loop.run(recipe, state.replace(carry=block_carry(b), step=jnp.int32(0)), bound)
+        return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)
 
+    def next_block(state):
+        """After a block's last step: the next block with a MASK (EoTP leaves later blocks clean)."""
+        b = state.carry["block"] + 1
+        if eotp:
+            has_mask = jnp.stack([jnp.any(block_of(state.tokens, lengths_B + c * bl) == cfg.mask_id)
+                                  for c in range(num_blocks)])
+            later = (jnp.arange(num_blocks) >= b) & has_mask
+            b = jnp.where(jnp.any(later), jnp.argmax(later), num_blocks)
+        return state.replace(carry=dict(state.carry, block=b, step=jnp.int32(0)))
 
-def end_of_text_fill(x_BT, prompt_len: int, eos_id: int, mask_id: int):
-    """Learn2PD's EoTP: every MASK after the first generated EOS of a row becomes EOS."""
-    T = x_BT.shape[1]
-    pos = jnp.arange(T)
-    is_eos = (x_BT == eos_id) & (pos >= prompt_len)
-    first_eos_B = jnp.min(jnp.where(is_eos, pos, T), axis=1)
-    return jnp.where((x_BT == mask_id) & (pos > first_eos_B[:, None]), eos_id, x_BT)
+    def after(state):
+        finished = state.carry["step"] >= bound
+        if not fixed_steps:
+            finished = finished | ~block_unclean(state)
+        return jax.lax.cond(finished, next_block, lambda s: s, state)
 
-
-def greedy_order_scores(key, block, batch: int, block_length: int):
-    """dKV-Cache-Greedy's decode order for one block: U(0,1) scores, decoded highest first."""
-    block_key = jax.random.fold_in(jax.random.fold_in(key, 0x0D1CE), block)
-    return jax.random.uniform(block_key, (batch, block_length))
-
-
-def window_tokens(marked_T, masked_T, select_K, n_select, window_size: int):
-    """dKV-Cache `find_window_tokens` for one row: for each of the first `n_select` entries s of
-    `select_K` in turn, mark the first `window_size` positions, visited s-1, s+1, s-2, s+2, ...,
-    that are masked (`masked_T`) and not yet marked."""
-    T = marked_T.shape[0]
-    j = jnp.arange(2 * T)
-    offset_J = jnp.where(j % 2 == 0, -(j // 2 + 1), j // 2 + 1)
-
-    def one(marked_T, t):
-        p_J = select_K[t] + offset_J
-        inside = (p_J >= 0) & (p_J < T)
-        p_J = jnp.clip(p_J, 0, T - 1)
-        eligible = inside & masked_T[p_J] & ~marked_T[p_J]
-        take = eligible & (jnp.cumsum(eligible) <= window_size) & (t < n_select)
-        return marked_T | (jnp.zeros(T, jnp.int32).at[p_J].add(take) > 0), None
-
-    marked_T, _ = jax.lax.scan(one, marked_T, jnp.arange(select_K.shape[0]))
-    return marked_T
-
-
-def greedy_recompute(masked_BT, take_BK, still_masked_BK, order_BK, next_k, start, max_k: int, window_size: int):
-    """Positions dKV-Cache-Greedy recomputes next step: the ones committed now (`take_BK`), the
-    next `next_k` in the block's order and their windows over the step-start masks `masked_BT`."""
-    B, T = masked_BT.shape
-    K = take_BK.shape[1]
-    nxt_BK = top_k_commit(jnp.where(still_masked_BK, order_BK, NEG_INF), next_k)
-    in_canvas = lambda m_BK: jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, T), bool), m_BK, start, axis=1)
-    marked = in_canvas(take_BK | nxt_BK)
-    if window_size == 0:
-        return marked
-    select_BK = start + jnp.argsort(-jnp.where(nxt_BK, order_BK, NEG_INF), axis=-1)[:, :min(max_k, K)]
-    return jax.vmap(window_tokens, in_axes=(0, 0, 0, None, None))(marked, masked_BT, select_BK, next_k, window_size)
+    recipe = loop.Recipe(**make_recipe(), after=after, active=lambda s: s.carry["block"] < num_blocks)
+    state = loop.run(recipe, state, num_blocks * bound)
+    return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)

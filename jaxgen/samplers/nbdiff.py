@@ -35,6 +35,7 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
 from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
+from jaxgen.decoding import loop
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding import rules
@@ -81,6 +82,7 @@ def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, b
     B, P = prompt.shape
     total = P + gen_length
     num_blocks = gen_length // block_length
+    subs = block_length // sub
     x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
     cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
     logits, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
@@ -92,52 +94,70 @@ def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, b
     x = x.at[:, P].set(ar_token(logits[:, -1], jax.random.fold_in(key, 0)))
     has_eos = lambda x: jnp.all(jnp.any(x[:, P:] == cfg.eos_id, axis=1)) if stop_at_eos else jnp.bool_(False)
 
-    def denoise_block(b, carry):
-        x, cache, nfe, stopped = carry
-        start = P + b * block_length
+    def block_start(state):
+        return P + state.carry["block"] * block_length
+
+    def current(state):
+        return jax.lax.dynamic_slice_in_dim(state.tokens, block_start(state), block_length, axis=1)
+
+    def sub_block(state, blk=None):
+        blk = current(state) if blk is None else blk
+        return jax.lax.dynamic_slice_in_dim(blk, state.carry["sub"] * sub, sub, axis=1)
+
+    def step_forward(state):  # the whole block over the exact cache of the clean prefix; shifted logits
+        start = block_start(state)
         positions = jnp.broadcast_to(start + jnp.arange(block_length, dtype=jnp.int32), (B, block_length))
-        cur = jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
 
-        def sub_block(s, carry):
-            cur, nfe, stopped = carry
-            lo = s * sub
+        def run(_):
+            logits, _ = forward(params, cfg, current(state), positions, layouts.full(), cache_lib.read(state.cache))
+            logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)  # right shift
+            return forbid_mask_token(jax.lax.dynamic_slice_in_dim(logits, state.carry["sub"] * sub, sub, axis=1), cfg)
 
-            def unclean(c):
-                cur, _, stopped = c
-                return ~stopped & jnp.any(jax.lax.dynamic_slice_in_dim(cur, lo, sub, axis=1) == cfg.mask_id)
+        unclean = jnp.any(sub_block(state) == cfg.mask_id)  # a clean sub-block costs no forward
+        skip = lambda _: jnp.zeros((B, sub, cfg.vocab_size), jnp.float32)
+        return jax.lax.cond(unclean, run, skip, None), state.cache, unclean.astype(jnp.int32)
 
-            def step(c):
-                cur, nfe, stopped = c
-                logits, _ = forward(params, cfg, cur, positions, layouts.full(), cache_lib.read(cache))
-                logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)  # right shift
-                logits = forbid_mask_token(jax.lax.dynamic_slice_in_dim(logits, lo, sub, axis=1), cfg)
-                tok, conf = score_tokens(logits, jax.random.fold_in(key, nfe), temperature, top_p, top_k, alg)
-                blk = jax.lax.dynamic_slice_in_dim(cur, lo, sub, axis=1)
-                masked = blk == cfg.mask_id
-                if alg == "confidence_threshold":
-                    take = rules.best_plus_above(conf, masked, threshold, inclusive=False)
-                else:
-                    take = rules.best(conf, masked)
-                cur = jax.lax.dynamic_update_slice_in_dim(cur, jnp.where(take, tok, blk), lo, axis=1)
-                return cur, nfe + 1, stopped
+    def propose(logits, state):
+        return score_tokens(logits, jax.random.fold_in(key, state.nfe), temperature, top_p, top_k, alg)
 
-            cur, nfe, stopped = jax.lax.while_loop(unclean, step, (cur, nfe, stopped))
-            x_now = jax.lax.dynamic_update_slice_in_dim(x, cur, start, axis=1)
-            return cur, nfe, stopped | has_eos(x_now)
+    def rule(proposal, state):
+        masked = sub_block(state) == cfg.mask_id
+        if alg == "confidence_threshold":
+            return rules.best_plus_above(proposal[1], masked, threshold, inclusive=False)
+        return rules.best(proposal[1], masked)
 
-        cur, nfe, stopped = jax.lax.fori_loop(0, block_length // sub, sub_block, (cur, nfe, stopped))
-        x = jax.lax.dynamic_update_slice_in_dim(x, cur, start, axis=1)
+    def update(state, proposal, take, _):
+        blk = current(state)
+        new_sub = jnp.where(take, proposal[0], sub_block(state, blk))
+        blk = jax.lax.dynamic_update_slice_in_dim(blk, new_sub, state.carry["sub"] * sub, axis=1)
+        return state.replace(tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, blk, block_start(state), axis=1))
 
-        def store(args):  # exact causal K/V of the clean block; its last logit starts the next block
-            x, cache, nfe = args
-            logits, cache = forward(params, cfg, cur, layout=layouts.causal(), cache=cache)
-            nxt = ar_token(logits[:, -1], jax.random.fold_in(key, nfe))
-            return jax.lax.dynamic_update_slice_in_dim(x, nxt[:, None], start + block_length, axis=1), cache, nfe + 1
+    def store(state):  # exact causal K/V of the clean block; its last logit starts the next block
+        logits, cache = forward(params, cfg, current(state), layout=layouts.causal(), cache=state.cache)
+        nxt = ar_token(logits[:, -1], jax.random.fold_in(key, state.nfe))
+        tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, nxt[:, None], block_start(state) + block_length,
+                                                     axis=1)
+        return state.replace(tokens=tokens, cache=cache, nfe=state.nfe + 1)
 
-        x, cache, nfe = jax.lax.cond((b < num_blocks - 1) & ~stopped, store, lambda a: a, (x, cache, nfe))
-        return x, cache, nfe, stopped
+    def advance(s):
+        """Past a clean sub-block (which may set the EOS stop); past a block's last one, store it."""
+        stopped = s.carry["stopped"] | has_eos(s.tokens)
+        s = s.replace(carry=dict(s.carry, sub=s.carry["sub"] + 1, stopped=stopped))
 
-    x, _, nfe, _ = jax.lax.fori_loop(0, num_blocks, denoise_block, (x, cache, jnp.int32(1), has_eos(x)))
+        def end_block(s):
+            s = jax.lax.cond((s.carry["block"] < num_blocks - 1) & ~s.carry["stopped"], store, lambda t: t, s)
+            return s.replace(carry=dict(s.carry, block=s.carry["block"] + 1, sub=jnp.int32(0)))
+
+        return jax.lax.cond(s.carry["sub"] == subs, end_block, lambda t: t, s)
+
+    def after(state):  # one sub-block at a time; a clean one then costs an iteration without a forward
+        return jax.lax.cond(jnp.any(sub_block(state) == cfg.mask_id), lambda t: t, advance, state)
+
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update, after=after,
+                         active=lambda s: (s.carry["block"] < num_blocks) & ~s.carry["stopped"])
+    carry = dict(block=jnp.int32(0), sub=jnp.int32(0), stopped=has_eos(x))
+    state = loop.run(recipe, loop.new_state(x, cache, nfe=1, carry=carry), gen_length + num_blocks * subs)
+    x = state.tokens
     if stop_at_eos:
         x = jnp.where(x == cfg.mask_id, cfg.eos_id, x)
-    return SamplerOutput(tokens=x, nfe=nfe)
+    return SamplerOutput(tokens=x, nfe=state.nfe)

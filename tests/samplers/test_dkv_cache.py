@@ -9,7 +9,7 @@ import pytest
 
 import np_llama
 from jaxgen.errors import JaxgenError
-from jaxgen.samplers import masked_diffusion
+from jaxgen.samplers import dkv, masked_diffusion
 from test_fast_dllm import PROMPT, commit_rows, schedule, softmax
 
 
@@ -100,7 +100,7 @@ def dkv_greedy_reference(params, cfg, prompt, key, gen_length, block_length, ste
     acc = np.concatenate([[0], np.cumsum(k)])
     all_pos = np.broadcast_to(np.arange(T), (B, T))
     for b, s in enumerate(range(P, T, block_length)):
-        scores = np.asarray(masked_diffusion.greedy_order_scores(key, b, B, block_length))
+        scores = np.asarray(dkv.greedy_order_scores(key, b, B, block_length))
         order = s + np.argsort(-scores, axis=-1, kind="stable")  # the block's decode order, per row
         fed = stored = None
         for i in range(spb):
@@ -148,7 +148,7 @@ def test_window_walk_matches_pointer_walk():
         marked = rng.random(T) < 0.2
         sel = rng.choice(T, 3, replace=False)
         want = walk_window(marked.copy(), masked, sel, 3)
-        got = masked_diffusion.window_tokens(jax.numpy.asarray(marked), jax.numpy.asarray(masked),
+        got = dkv.window_tokens(jax.numpy.asarray(marked), jax.numpy.asarray(masked),
                                              jax.numpy.asarray(sel), 3, 3)
         np.testing.assert_array_equal(np.asarray(got), want)
 

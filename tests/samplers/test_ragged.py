@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.samplers import ar, block_diffusion
+from jaxgen.samplers import ar, block_diffusion, masked_diffusion
 
 LENGTHS = (5, 8, 3)
 GEN = 8
@@ -41,6 +41,23 @@ def test_block_diffusion_ragged_rows_equal_rows_alone(remasking, fuse, tiny_cfg,
         tiny_params, tiny_cfg, p, jax.random.key(0), gen_length=GEN, block_length=4, denoising_steps=4,
         remasking=remasking, threshold=0.3, fuse_block_write=fuse, prompt_lengths=n)
     assert_rows_as_alone(decode, prompt, lengths)
+
+
+@pytest.mark.parametrize("cache,rule", [(None, {}), ("dual", {"threshold": 0.3})])
+def test_masked_diffusion_ragged_rows_equal_rows_alone(cache, rule, tiny_cfg, tiny_params):
+    prompt, lengths = ragged_prompt(tiny_cfg)
+    decode = lambda p, n: masked_diffusion.generate(
+        tiny_params, tiny_cfg, p, jax.random.key(0), gen_length=GEN, steps=4, block_length=4, cache=cache,
+        prompt_lengths=n, **rule)
+    batched = assert_rows_as_alone(decode, prompt, lengths)
+    assert (batched[2, 3 + GEN:] == tiny_cfg.mask_id).all()
+
+
+def test_masked_diffusion_ragged_needs_a_cache_without_a_static_window(tiny_cfg, tiny_params):
+    prompt, lengths = ragged_prompt(tiny_cfg)
+    with pytest.raises(ValueError, match="cache=None or 'dual'"):
+        masked_diffusion.generate(tiny_params, tiny_cfg, prompt, jax.random.key(0), gen_length=GEN, steps=4,
+                                  block_length=4, cache="prefix", prompt_lengths=lengths)
 
 
 @pytest.mark.parametrize("bad,match", [([3, 4], "3 integers"), ([0, 2, 2], "holds 0"), ([2, 9, 2], "holds 9"),
