@@ -133,6 +133,14 @@ def _take(buf_BKSD, start, length: int):
     return jax.vmap(lambda b, s: jax.lax.dynamic_slice_in_dim(b, s, length, axis=1))(buf_BKSD, start)
 
 
+def slice_rows(x_BT, start, length: int):
+    """Columns [start, start + length) of each row (start a scalar: one slice; [B]: per row)."""
+    start = jnp.asarray(start, jnp.int32)
+    if start.ndim == 0:
+        return jax.lax.dynamic_slice_in_dim(x_BT, start, length, axis=1)
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, length, axis=0))(x_BT, start)
+
+
 def place_rows(base_BS, chunk_BL, start):
     """`base` with columns [start, start + L) replaced by `chunk` (scalar or per-row start)."""
     start = jnp.asarray(start, jnp.int32)

@@ -39,10 +39,11 @@ def generate(params, cfg, prompt, key, max_new_tokens: int = 128, temperature: f
     eos = cfg.eos_id if eos_id is None else eos_id
     if stop_at_eos and eos is None:
         raise JaxgenError("stop_at_eos=True needs an eos_id (the config has none)")
+    ragged = lengths is not None
     lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths)
     return _generate(params, cfg, prompt, lengths, key, jnp.float32(temperature), jnp.int32(top_k),
                      jnp.float32(top_p), jnp.int32(-1 if eos is None else eos), max_new_tokens=max_new_tokens,
-                     stop_at_eos=stop_at_eos, greedy=temperature == 0)
+                     stop_at_eos=stop_at_eos, greedy=temperature == 0, ragged=ragged)
 
 
 def pad_token(cfg, eos):
@@ -50,9 +51,9 @@ def pad_token(cfg, eos):
     return jnp.int32(cfg.pad_id) if cfg.pad_id is not None else jnp.maximum(eos, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos", "greedy"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos", "greedy", "ragged"))
 def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, eos, *, max_new_tokens, stop_at_eos,
-              greedy):
+              greedy, ragged):
     params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
     N = max_new_tokens
@@ -67,13 +68,16 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, eo
     def update(state, tok_B, commit_B, cache):
         """Write each row's token at its next column; a stopped row writes EOS."""
         tok_B = jnp.where(state.done, eos, tok_B)
-        col_B = lengths_B + state.step
-        tokens = state.tokens.at[jnp.arange(B), col_B].set(tok_B)
+        tokens = cache_lib.place_rows(state.tokens, tok_B[:, None], next_column(state))
         done = state.done | ((tok_B == eos) & stop_at_eos)
         return state.replace(tokens=tokens, cache=cache, done=done, carry=tok_B)
 
+    def next_column(state):  # one column for all rows (a plain slice write), or one per ragged row
+        return lengths_B + state.step if ragged else P + state.step
+
     def decode_forward(state):  # the last token of each row, at its own next slot
-        logits, cache = forward(params, cfg, state.carry[:, None], layout=causal, cache=state.cache)
+        cache = cache_lib.write_at(state.cache, next_column(state) - 1)
+        logits, cache = forward(params, cfg, state.carry[:, None], layout=causal, cache=cache)
         return logits[:, 0], cache, 1
 
     recipe = loop.Recipe(forward=decode_forward, propose=propose, rule=lambda tok, state: ~state.done,

@@ -85,10 +85,12 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: i
     total = -(-(P + gen_length) // block_length) * block_length
     lengths = checks.check_prompt_lengths(prompt_lengths, prompt.shape)
     checks.check_prompt(prompt, cfg, total, diffusion=True, prompt_lengths=lengths)
+    ragged = lengths is not None
     lengths = np.full((B,), P, np.int32) if lengths is None else lengths
     out = _generate(params, cfg, prompt, jnp.asarray(lengths), key, jnp.float32(temperature), jnp.int32(top_k),
                     jnp.float32(top_p), jnp.float32(threshold), gen_length=gen_length, block_length=block_length,
-                    denoising_steps=denoising_steps, remasking=remasking, fuse=bool(fuse_block_write))
+                    denoising_steps=denoising_steps, remasking=remasking, fuse=bool(fuse_block_write),
+                    ragged=ragged)
     return out.replace(tokens=out.tokens[:, : P + gen_length])
 
 
@@ -114,35 +116,40 @@ def initial_canvas(prompt, lengths_B, total: int, mask_id: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "denoising_steps", "remasking",
-                                             "fuse"))
+                                             "fuse", "ragged"))
 def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, threshold, *, gen_length, block_length,
-              denoising_steps, remasking, fuse):
+              denoising_steps, remasking, fuse, ragged):
     params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
     bl = block_length
     total = -(-(P + gen_length) // bl) * bl
     layout = layouts.block_causal(bl)
     schedule = jnp.asarray(num_transfer_tokens(bl, denoising_steps))
-    first_B = lengths_B // bl  # whole prompt blocks: the first decode block of each row
-    end_B = -(-(lengths_B + gen_length) // bl)  # one past each row's last block
+    # each row's first decode block (after its whole prompt blocks) and one past its last block;
+    # Python ints when no row is ragged, so every slice and cache write is one plain slice
+    first_B = lengths_B // bl if ragged else P // bl
+    end_B = -(-(lengths_B + gen_length) // bl) if ragged else -(-(P + gen_length) // bl)
+    row0_first = first_B[0] if ragged else first_B
     bound = bl if remasking == "first_hitting" else denoising_steps
-    offsets = jnp.arange(bl, dtype=jnp.int32)
+
+    def positions(start, length):  # [B, length] from a scalar or per-row start
+        return jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(length, dtype=jnp.int32), (B, length))
 
     def block_start(state):
         return (first_B + state.carry["block"]) * bl
 
     def current(state):
-        return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, bl))(state.tokens, block_start(state))
+        return cache_lib.slice_rows(state.tokens, block_start(state), bl)
 
     def read(state, cache):  # a denoising forward over the cache, which it leaves unchanged
         start_B = block_start(state)
-        logits, _ = forward(params, cfg, current(state), start_B[:, None] + offsets, layout, cache_lib.read(cache))
+        logits, _ = forward(params, cfg, current(state), positions(start_B, bl), layout, cache_lib.read(cache))
         return logits, cache
 
     def write_previous_and_read(state, cache):  # [clean previous block | this block], one forward
         prev = block_start(state) - bl
-        fed = jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, 2 * bl))(state.tokens, prev)
-        both, written = forward(params, cfg, fed, prev[:, None] + jnp.arange(2 * bl), layout,
+        fed = cache_lib.slice_rows(state.tokens, prev, 2 * bl)
+        both, written = forward(params, cfg, fed, positions(prev, 2 * bl), layout,
                                 cache_lib.write_at(cache, prev))
         return both[:, bl:], cache_lib.truncate(written, prev + bl)
 
@@ -155,18 +162,18 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, th
         return logits, cache, 1
 
     def propose(logits, state):
-        k_tok = loop.step_key(key, first_B[0] + state.carry["block"], state.carry["step"])
+        k_tok = loop.step_key(key, row0_first + state.carry["block"], state.carry["step"])
         tok, conf = sample_tokens(forbid_mask_token(logits, cfg), k_tok, temperature, top_k, top_p)
         return tok.astype(jnp.int32), conf
 
     def candidates(state):
-        in_play = first_B + state.carry["block"] < end_B
+        in_play = jnp.broadcast_to(first_B + state.carry["block"] < end_B, (B,))
         return (current(state) == cfg.mask_id) & in_play[:, None]
 
     def rule(proposal, state):
         _, conf = proposal
         step = state.carry["step"]
-        k_pos = jax.random.fold_in(loop.step_key(key, first_B[0] + state.carry["block"], step), 1)
+        k_pos = jax.random.fold_in(loop.step_key(key, row0_first + state.carry["block"], step), 1)
         return commit_rule(remasking, conf, candidates(state), schedule[jnp.minimum(step, denoising_steps - 1)],
                            threshold, k_pos, step, denoising_steps)
 
@@ -177,7 +184,7 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, th
 
     def write_block(state):  # a clean block's K/V, written once
         start_B = block_start(state)
-        _, cache = forward(params, cfg, current(state), start_B[:, None] + offsets, layout,
+        _, cache = forward(params, cfg, current(state), positions(start_B, bl), layout,
                            cache_lib.write_at(state.cache, start_B))
         return state.replace(cache=cache, nfe=state.nfe + 1)
 

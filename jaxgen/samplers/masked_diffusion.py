@@ -50,6 +50,7 @@ earlier tokens are all decoded before the previous step and attend only through 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -197,153 +198,192 @@ def commit(rule, conf_BK, masked_BK, level, k, commit_filter):
 STATIC_WINDOW = ("prefix", "dkv_decode", "dkv_greedy")  # blocks unrolled: each feeds [start, end of canvas)
 
 
+class _Ctx(NamedTuple):
+    """Everything one call's step rules read: arrays (traced) and settings (static)."""
+    params: dict
+    cfg: object
+    key: jax.Array
+    temperature: jax.Array
+    cfg_scale: jax.Array | None
+    level: jax.Array
+    commit_filter: dict | None
+    lengths_B: jax.Array
+    total: int
+    block_length: int
+    per_block: int
+    remasking: str
+    rule: str
+    cache: str | None
+    eos_logit_inf: bool
+    confidence_eos_inf: bool
+    reload_every: int
+    window_size: int
+    eotp: bool
+
+
+def _start_of(ctx, state):
+    """[B]: each row's current block start."""
+    return ctx.lengths_B + state.carry["block"] * ctx.block_length
+
+
+def _block_of(ctx, x, start_B):
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, ctx.block_length))(x, start_B)
+
+
+def _valid(ctx, gen_length):
+    """[B, total]: canvas columns that are keys (ragged rows: padding after each row is not)."""
+    return jnp.arange(ctx.total)[None, :] < (ctx.lengths_B + gen_length)[:, None]
+
+
+def _refresh(ctx, gen_length, state):
+    """Step 0 of a block: a full forward (writing every K/V in cached modes); block logits."""
+    rows, valid = (_start_of(ctx, state), ctx.block_length), _valid(ctx, gen_length)
+    if ctx.cache is None:
+        return guided_logits(ctx.params, ctx.cfg, state.tokens, ctx.lengths_B, ctx.cfg_scale, rows, valid), state.cache
+    B = state.tokens.shape[0]
+    fresh = cache_lib.init_cache(ctx.cfg, B, ctx.total, per_layer=True)
+    logits, kv = forward(ctx.params, ctx.cfg, state.tokens, layout=layouts.full(), cache=fresh, out_rows=rows,
+                         kv_valid_BL=valid)
+    kv = cache_lib.with_lengths(kv, ctx.lengths_B + gen_length)
+    return logits, cache_lib.truncate(kv, _start_of(ctx, state)) if ctx.cache == "prefix" else kv
+
+
+def _later_step(ctx, gen_length, state, start):
+    """(block logits, cache) of a step after step 0; `start` is static in the unrolled modes."""
+    x, kv, bl, full = state.tokens, state.cache, ctx.block_length, layouts.full()
+    if ctx.cache is None:
+        return _refresh(ctx, gen_length, state)
+    if ctx.cache == "prefix":
+        return forward(ctx.params, ctx.cfg, x[:, start:], layout=full, cache=read(kv), out_rows=(0, bl))[0], kv
+    if ctx.cache == "dual":
+        start_B = _start_of(ctx, state)
+        return forward(ctx.params, ctx.cfg, _block_of(ctx, x, start_B), start_B[:, None] + jnp.arange(bl), full,
+                       write_at(kv, start_B))
+
+    def reload(_):  # every K/V fresh and stored
+        return forward(ctx.params, ctx.cfg, x, layout=full, cache=write_at(kv, 0), out_rows=(start, bl))
+
+    def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V
+        kept = state.carry["kept"][:, start:]
+        return forward(ctx.params, ctx.cfg, x[:, start:], layout=full, cache=write_at(kv, start, kept),
+                       out_rows=(0, bl))
+
+    step = state.carry["step"]
+    is_reload = (step % ctx.reload_every == 0) | ((step == 1) & (ctx.cache == "dkv_decode"))
+    return jax.lax.cond(is_reload, reload, delayed, None)
+
+
+def _kept_after(ctx, state, x_after, take_BK, start):
+    """Positions whose stored K/V the next step keeps (dKV modes)."""
+    x_before, step, mask_id = state.tokens, state.carry["step"], ctx.cfg.mask_id
+    if ctx.cache != "dkv_greedy":
+        return x_before != mask_id
+    counts = num_transfer_tokens(ctx.block_length, ctx.per_block)
+    next_k = jnp.asarray(counts)[jnp.minimum(step + 1, ctx.per_block - 1)] * (step + 1 < ctx.per_block)
+    still_masked = _block_of(ctx, x_after, _start_of(ctx, state)) == mask_id
+    recompute = dkv.greedy_recompute(x_before == mask_id, take_BK, still_masked, state.carry["order"], next_k, start,
+                                     int(counts.max()), ctx.window_size)
+    return ~recompute
+
+
+def _step_rules(ctx, gen_length, start=None):
+    """forward / propose / rule / update of one denoising step; `start` (static) for the unrolled
+    modes, else each row's block start."""
+    cfg = ctx.cfg
+    schedule = jnp.asarray(num_transfer_tokens(ctx.block_length, ctx.per_block))
+
+    def step_forward(state):
+        if ctx.cache is None:
+            logits, kv = _refresh(ctx, gen_length, state)
+        else:
+            logits, kv = jax.lax.cond(state.carry["step"] == 0, lambda s: _refresh(ctx, gen_length, s),
+                                      lambda s: _later_step(ctx, gen_length, s, start), state)
+        return logits, kv, 1
+
+    def propose(logits, state):
+        logits = forbid_token(forbid_mask_token(logits, cfg), cfg.eos_id if ctx.eos_logit_inf else None)
+        k_tok, k_conf = jax.random.split(jax.random.fold_in(ctx.key, state.nfe))
+        x0 = gumbel_argmax(logits, k_tok, ctx.temperature).astype(jnp.int32)
+        if ctx.cache == "dkv_greedy":  # one random order per block
+            return x0, state.carry["order"]
+        if ctx.remasking == "random":
+            return x0, jax.random.uniform(k_conf, x0.shape)
+        return x0, prob_of(forbid_token(logits, cfg.eos_id if ctx.confidence_eos_inf else None), x0)
+
+    def rule(proposal, state):
+        masked = _block_of(ctx, state.tokens, _start_of(ctx, state)) == cfg.mask_id
+        k = schedule[jnp.minimum(state.carry["step"], ctx.per_block - 1)]
+        return commit(ctx.rule, proposal[1], masked, ctx.level, k, ctx.commit_filter)
+
+    def update(state, proposal, take, kv):
+        start_B = _start_of(ctx, state)
+        x_new = cache_lib.place_rows(state.tokens, jnp.where(take, proposal[0], _block_of(ctx, state.tokens, start_B)),
+                                     start_B)
+        if ctx.eotp:
+            x_new = learn2pd.end_of_text_fill(x_new, ctx.lengths_B, cfg.eos_id, cfg.mask_id)
+        carry = dict(state.carry, step=state.carry["step"] + 1)
+        if ctx.cache in ("dkv_decode", "dkv_greedy"):
+            carry["kept"] = _kept_after(ctx, state, x_new, take, start)
+        return state.replace(tokens=x_new, cache=kv, carry=carry)
+
+    return dict(forward=step_forward, propose=propose, rule=rule, update=update)
+
+
+def _block_carry(ctx, b, batch):
+    carry = dict(block=jnp.int32(b), step=jnp.int32(0))
+    if ctx.cache in ("dkv_decode", "dkv_greedy"):
+        carry["kept"] = jnp.zeros((batch, ctx.total), bool)
+    if ctx.cache == "dkv_greedy":
+        carry["order"] = dkv.greedy_order_scores(ctx.key, b, batch, ctx.block_length)
+    return carry
+
+
+def _block_unclean(ctx, state):
+    return jnp.any(_block_of(ctx, state.tokens, _start_of(ctx, state)) == ctx.cfg.mask_id)
+
+
+def _next_block(ctx, num_blocks, state):
+    """After a block's last step: the next block with a MASK (EoTP leaves later blocks clean)."""
+    b = state.carry["block"] + 1
+    if ctx.eotp:
+        has_mask = jnp.stack([jnp.any(_block_of(ctx, state.tokens, ctx.lengths_B + c * ctx.block_length)
+                                      == ctx.cfg.mask_id) for c in range(num_blocks)])
+        later = (jnp.arange(num_blocks) >= b) & has_mask
+        b = jnp.where(jnp.any(later), jnp.argmax(later), num_blocks)
+    return state.replace(carry=dict(state.carry, block=b, step=jnp.int32(0)))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
                                              "cache", "eos_logit_inf", "confidence_eos_inf", "guided",
                                              "reload_every", "window_size", "eotp"))
 def _generate(params, cfg, prompt, lengths_B, key, temperature, cfg_scale, level, commit_filter, *, gen_length,
               steps, block_length, remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every,
               window_size, eotp):
-    params = unstack_layers(params)  # once per call, not per step
-    cfg_scale = cfg_scale if guided else None
     B, P = prompt.shape
-    bl = block_length
-    total = P + gen_length
-    num_blocks = gen_length // bl
-    per_block = steps // num_blocks
-    schedule = jnp.asarray(num_transfer_tokens(bl, per_block))
-    max_k = int(num_transfer_tokens(bl, per_block).max())
-    full = layouts.full()
-    col = jnp.arange(total)[None, :]
-    valid_BL = col < (lengths_B + gen_length)[:, None]  # ragged rows: padding after each row is no key
-    x = jnp.where(col < lengths_B[:, None], jnp.pad(prompt, ((0, 0), (0, gen_length))), cfg.mask_id)
+    num_blocks = gen_length // block_length
+    ctx = _Ctx(unstack_layers(params), cfg, key, temperature, cfg_scale if guided else None, level, commit_filter,
+               lengths_B, P + gen_length, block_length, steps // num_blocks, remasking, rule, cache, eos_logit_inf,
+               confidence_eos_inf, reload_every, window_size, eotp)
     fixed_steps = cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp
-    bound = per_block if rule == "schedule" else bl  # >= 1 commit per step
-    offsets = jnp.arange(bl)
-
-    def start_of(state):  # [B]: each row's current block start
-        return lengths_B + state.carry["block"] * bl
-
-    def block_of(x, start_B):
-        return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, bl))(x, start_B)
-
-    def refresh(state):
-        """Step 0 of a block: a full forward (writing every K/V in cached modes); block logits."""
-        rows = (start_of(state), bl)
-        if cache is None:
-            return guided_logits(params, cfg, state.tokens, lengths_B, cfg_scale, rows, valid_BL), state.cache
-        fresh = cache_lib.init_cache(cfg, B, total, per_layer=True)
-        logits, kv = forward(params, cfg, state.tokens, layout=full, cache=fresh, out_rows=rows, kv_valid_BL=valid_BL)
-        kv = cache_lib.with_lengths(kv, lengths_B + gen_length)
-        return logits, cache_lib.truncate(kv, start_of(state)) if cache == "prefix" else kv
-
-    def later_step(state, start):
-        """(block logits, cache) of a step after step 0; `start` is static in the unrolled modes."""
-        x, kv = state.tokens, state.cache
-        if cache is None:
-            return refresh(state)
-        if cache == "prefix":
-            return forward(params, cfg, x[:, start:], layout=full, cache=read(kv), out_rows=(0, bl))[0], kv
-        if cache == "dual":
-            start_B = start_of(state)
-            return forward(params, cfg, block_of(x, start_B), start_B[:, None] + offsets, full, write_at(kv, start_B))
-
-        def reload(_):  # every K/V fresh and stored
-            return forward(params, cfg, x, layout=full, cache=write_at(kv, 0), out_rows=(start, bl))
-
-        def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V
-            kept = state.carry["kept"][:, start:]
-            return forward(params, cfg, x[:, start:], layout=full, cache=write_at(kv, start, kept), out_rows=(0, bl))
-
-        step = state.carry["step"]
-        is_reload = (step % reload_every == 0) | ((step == 1) & (cache == "dkv_decode"))
-        return jax.lax.cond(is_reload, reload, delayed, None)
-
-    def make_recipe(start=None):
-        """The step rules; `start` (static) for the unrolled modes, else each row's block start."""
-
-        def step_forward(state):
-            if cache is None:
-                logits, kv = refresh(state)
-            else:
-                logits, kv = jax.lax.cond(state.carry["step"] == 0, refresh, lambda s: later_step(s, start), state)
-            return logits, kv, 1
-
-        def propose(logits, state):
-            logits = forbid_token(forbid_mask_token(logits, cfg), cfg.eos_id if eos_logit_inf else None)
-            k_tok, k_conf = jax.random.split(jax.random.fold_in(key, state.nfe))
-            x0 = gumbel_argmax(logits, k_tok, temperature).astype(jnp.int32)
-            if cache == "dkv_greedy":  # one random order per block
-                return x0, state.carry["order"]
-            if remasking == "random":
-                return x0, jax.random.uniform(k_conf, x0.shape)
-            logits = forbid_token(logits, cfg.eos_id if confidence_eos_inf else None)
-            return x0, prob_of(logits, x0)
-
-        def rule_(proposal, state):
-            masked = block_of(state.tokens, start_of(state)) == cfg.mask_id
-            k = schedule[jnp.minimum(state.carry["step"], per_block - 1)]
-            return commit(rule, proposal[1], masked, level, k, commit_filter)
-
-        def update(state, proposal, take, kv):
-            start_B = start_of(state)
-            block = jnp.where(take, proposal[0], block_of(state.tokens, start_B))
-            x_new = cache_lib.place_rows(state.tokens, block, start_B)
-            if eotp:
-                x_new = learn2pd.end_of_text_fill(x_new, lengths_B, cfg.eos_id, cfg.mask_id)
-            carry = dict(state.carry, step=state.carry["step"] + 1)
-            if cache in ("dkv_decode", "dkv_greedy"):
-                carry["kept"] = kept_after(state, x_new, take, start)
-            return state.replace(tokens=x_new, cache=kv, carry=carry)
-
-        return dict(forward=step_forward, propose=propose, rule=rule_, update=update)
-
-    def kept_after(state, x_after, take_BK, start):
-        """Positions whose stored K/V the next step keeps (dKV modes)."""
-        x_before, step = state.tokens, state.carry["step"]
-        if cache != "dkv_greedy":
-            return x_before != cfg.mask_id
-        next_k = schedule[jnp.minimum(step + 1, per_block - 1)] * (step + 1 < per_block)
-        recompute = dkv.greedy_recompute(x_before == cfg.mask_id, take_BK, block_of(x_after, start_of(state)) ==
-                                         cfg.mask_id, state.carry["order"], next_k, start, max_k, window_size)
-        return ~recompute
-
-    def block_unclean(state):
-        return jnp.any(block_of(state.tokens, start_of(state)) == cfg.mask_id)
-
-    def block_carry(b):
-        carry = dict(block=jnp.int32(b), step=jnp.int32(0))
-        if cache in ("dkv_decode", "dkv_greedy"):
-            carry["kept"] = jnp.zeros((B, total), bool)
-        if cache == "dkv_greedy":
-            carry["order"] = dkv.greedy_order_scores(key, b, B, bl)
-        return carry
-
-    kv0 = None if cache is None else cache_lib.init_cache(cfg, B, total, per_layer=True)
-    state = loop.new_state(x, kv0, carry=block_carry(0))
+    bound = ctx.per_block if rule == "schedule" else block_length  # >= 1 commit per step
+    col = jnp.arange(ctx.total)[None, :]
+    x = jnp.where(col < lengths_B[:, None], jnp.pad(prompt, ((0, 0), (0, gen_length))), cfg.mask_id)
+    kv0 = None if cache is None else cache_lib.init_cache(cfg, B, ctx.total, per_layer=True)
+    state = loop.new_state(x, kv0, carry=_block_carry(ctx, 0, B))
     if cache in STATIC_WINDOW:  # the fed window [start, total) is static: one run per block, unrolled
         for b in range(num_blocks):
-            recipe = loop.Recipe(**make_recipe(P + b * bl),
-                                 active=lambda s: (s.carry["step"] < bound) if fixed_steps else
-                                 (s.carry["step"] < bound) & block_unclean(s))
-            state = loop.run(recipe, state.replace(carry=block_carry(b), step=jnp.int32(0)), bound)
+            active = ((lambda s: s.carry["step"] < bound) if fixed_steps else
+                      (lambda s: (s.carry["step"] < bound) & _block_unclean(ctx, s)))
+            recipe = loop.Recipe(**_step_rules(ctx, gen_length, P + b * block_length), active=active)
+            state = loop.run(recipe, state.replace(carry=_block_carry(ctx, b, B), step=jnp.int32(0)), bound)
         return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)
-
-    def next_block(state):
-        """After a block's last step: the next block with a MASK (EoTP leaves later blocks clean)."""
-        b = state.carry["block"] + 1
-        if eotp:
-            has_mask = jnp.stack([jnp.any(block_of(state.tokens, lengths_B + c * bl) == cfg.mask_id)
-                                  for c in range(num_blocks)])
-            later = (jnp.arange(num_blocks) >= b) & has_mask
-            b = jnp.where(jnp.any(later), jnp.argmax(later), num_blocks)
-        return state.replace(carry=dict(state.carry, block=b, step=jnp.int32(0)))
 
     def after(state):
         finished = state.carry["step"] >= bound
         if not fixed_steps:
-            finished = finished | ~block_unclean(state)
-        return jax.lax.cond(finished, next_block, lambda s: s, state)
+            finished = finished | ~_block_unclean(ctx, state)
+        return jax.lax.cond(finished, lambda s: _next_block(ctx, num_blocks, s), lambda s: s, state)
 
-    recipe = loop.Recipe(**make_recipe(), after=after, active=lambda s: s.carry["block"] < num_blocks)
+    recipe = loop.Recipe(**_step_rules(ctx, gen_length), after=after, active=lambda s: s.carry["block"] < num_blocks)
     state = loop.run(recipe, state, num_blocks * bound)
     return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)
