@@ -157,13 +157,6 @@ def _select_rows(a_BL, out_rows):
     return jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, length, axis=0))(a_BL, start)
 
 
-def _place_columns(base_BQS, cols_BQL, at):
-    """`base` with key columns [at, at + L) replaced (at a scalar or one per row)."""
-    if at.ndim == 0:
-        return jax.lax.dynamic_update_slice(base_BQS, cols_BQL, (0, 0, at))
-    return jax.vmap(lambda b, c, s: jax.lax.dynamic_update_slice(b, c, (0, s)))(base_BQS, cols_BQL, at)
-
-
 def default_positions(cache, batch: int, length: int):
     """RoPE positions of a chunk: 0..L-1, or each row's next slots with a cache."""
     steps = jnp.arange(length, dtype=jnp.int32)
@@ -174,8 +167,17 @@ def default_positions(cache, batch: int, length: int):
     return start[:, None] + steps
 
 
+def _layout_idx(layout, layout_idx_BL, positions_BL):
+    """The chunk's layout coordinates: given, 0..L-1 (two-stream layouts), or the positions."""
+    if layout_idx_BL is not None:
+        return jnp.broadcast_to(jnp.asarray(layout_idx_BL, jnp.int32), positions_BL.shape)
+    if layout.two_stream:
+        return jnp.broadcast_to(jnp.arange(positions_BL.shape[1], dtype=jnp.int32), positions_BL.shape)
+    return positions_BL
+
+
 def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, return_hidden: bool = False,
-            kv_valid_BL=None, out_rows: tuple | None = None, chunk_mask_BLL=None):
+            kv_valid_BL=None, out_rows: tuple | None = None, layout_idx_BL=None, split_B=None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
     positions: RoPE positions [B, L] (default: 0..L-1, or each row's next slots with a cache).
@@ -187,15 +189,17 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
     out_rows: (start, length) -> outputs for rows [start, start + length) only (length static,
       start a scalar or one per row). Every row still serves as key/value; in the decode form
       (`unstack_layers`) the last layer's queries, MLP and the head run on those rows only.
-    chunk_mask_BLL: who in this chunk may attend to whom in this chunk (query row, key row),
-      replacing the layout between chunk tokens; cached keys still follow the layout.
+    layout_idx_BL: the chunk's layout coordinates (default: `positions`, or 0..L-1 for the
+      two-stream layouts). With a cache they must be the chunk's slots: a chunk fed out of
+      position order (WeDLM's reordered window, TiDAR's step) passes its slots here.
+    split_B: the per-row boundary a per-row layout reads (`layout.per_row`; scalar or [B]).
     """
     layout = layouts_lib.causal() if layout is None else layout
     B, L = tokens_BL.shape
     if layout.two_stream and cache is not None:
         raise JaxgenError(f"the {layout.kind} layout is a training layout and takes no KV cache")
     positions = default_positions(cache, B, L) if positions is None else jnp.asarray(positions, jnp.int32)
-    q_idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) if layout.two_stream else positions
+    q_idx = _layout_idx(layout, layout_idx_BL, positions)
     kv = cache_lib.plan(cache, q_idx, kv_valid_BL, cfg.dtype)
     if cache is not None and cache_lib.access(cache).cache.unstacked:
         params = unstack_layers(params)  # per-layer cache buffers go with per-layer params
@@ -203,15 +207,6 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
     cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     seq_len = L if cache is None else None
-
-    def dense_mask(q_rows):
-        """The explicit chunk mask for these query rows, placed among the cached keys."""
-        if chunk_mask_BLL is None:
-            return None
-        rows = chunk_mask_BLL if q_rows.shape[1] == L else _select_rows(chunk_mask_BLL, out_rows)
-        if cache is None:
-            return rows
-        return _place_columns(layout.mask(q_rows, kv.kv_idx_BS), rows, kv.chunk_at)
 
     def layer(x, xs, rows_only=False):
         lp, k_buf, v_buf = xs if cache is not None else (xs, None, None)
@@ -223,7 +218,7 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
         if rows_only:  # last layer: queries (and the residual stream) of the output rows only
             q, x, q_rows = _select_rows(q, out_rows), _select_rows(x, out_rows), _select_rows(q_idx, out_rows)
         attn = attention(q, keys, values, layout, q_idx_BL=q_rows, kv_idx_BS=kv.kv_idx_BS, kv_valid_BS=kv.kv_valid_BS,
-                         seq_len=seq_len, impl=cfg.attention_impl, mask_BLS=dense_mask(q_rows))
+                         split_B=split_B, seq_len=seq_len, impl=cfg.attention_impl)
         x = x + jnp.einsum("blhd,hde->ble", attn, lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         return x + _mlp(lp, h), (k_buf, v_buf)

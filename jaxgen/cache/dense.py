@@ -152,12 +152,10 @@ def place_rows(base_BS, chunk_BL, start):
 @flax.struct.dataclass
 class ChunkPlan:
     """What each layer of one forward attends over. `kv_idx_BS` / `kv_valid_BS`: the layout
-    coordinates and validity of the keys; `chunk_at`: the key column where the chunk's own keys
-    start (for a mask among chunk tokens); `layer(k_buf, v_buf, k, v)` -> (keys [B, S, K, D],
+    coordinates and validity of the keys; `layer(k_buf, v_buf, k, v)` -> (keys [B, S, K, D],
     values, new k_buf, new v_buf)."""
     kv_idx_BS: jax.Array
     kv_valid_BS: jax.Array | None
-    chunk_at: jax.Array
     access: CacheAccess | None = None
     dtype: str = flax.struct.field(pytree_node=False, default="float32")
 
@@ -181,12 +179,13 @@ class ChunkPlan:
         return jnp.where(keep_BL[:, None, :, None], old, fresh_BKLD)
 
 
-def plan(cache_or_access, positions_BL, chunk_valid_BL=None, dtype="float32") -> ChunkPlan:
-    """The keys a chunk at `positions_BL` attends over: the chunk alone (no cache), the cache
-    with the chunk written into it, or the cache followed by the chunk (read)."""
-    B, L = positions_BL.shape
+def plan(cache_or_access, idx_BL, chunk_valid_BL=None, dtype="float32") -> ChunkPlan:
+    """The keys a chunk at layout coordinates `idx_BL` attends over: the chunk alone (no cache),
+    the cache with the chunk written into it (keys at their slots), or the cache followed by the
+    chunk (read)."""
+    B, L = idx_BL.shape
     if cache_or_access is None:
-        return ChunkPlan(positions_BL, chunk_valid_BL, jnp.int32(0), None, dtype)
+        return ChunkPlan(idx_BL, chunk_valid_BL, None, dtype)
     acc = access(cache_or_access)
     cache = acc.cache
     S = cache.max_len
@@ -196,11 +195,11 @@ def plan(cache_or_access, positions_BL, chunk_valid_BL=None, dtype="float32") ->
     if not acc.write:
         own_valid = jnp.ones((B, L), bool) if chunk_valid_BL is None else chunk_valid_BL
         kv_valid = jnp.concatenate([slot_BS < cache.lengths[:, None], own_valid], axis=1)
-        return ChunkPlan(jnp.concatenate([slot_BS, positions_BL], axis=1), kv_valid, jnp.int32(S), acc, dtype)
+        return ChunkPlan(jnp.concatenate([slot_BS, idx_BL], axis=1), kv_valid, acc, dtype)
     filled = slot_BS < jnp.maximum(cache.lengths, start_B + L)[:, None]
     if chunk_valid_BL is not None:  # padding inside the chunk is no key
         filled = filled & place_rows(jnp.ones((B, S), bool), chunk_valid_BL, acc.start)
-    return ChunkPlan(slot_BS, filled, acc.start, acc, dtype)
+    return ChunkPlan(slot_BS, filled, acc, dtype)
 
 
 def check_rows(cache_or_access, batch: int):

@@ -9,8 +9,9 @@ LaViDa options (jacklishufan/LaViDa `llava_llada.py`): `complementary=True` adds
 a copy masked exactly where the first is not (over noisable tokens), so each token is
 supervised once per pair; the copy's masking rate is 1 - t and its CE is weighted 1 / (1 - t)
 (our reading: the spec says the weighting follows `forward_process`). `prefix_lm=True` lets the
-prompt (`prompt_mask`) attend only to itself, which `jaxgen.samplers.lavida` relies on to
-encode the prompt once.
+prompt attend only to itself (`layouts.prefix(None)` with each row's prompt length; the prompt
+is each row's leading `prompt_mask` tokens), which `jaxgen.samplers.lavida` relies on to encode
+the prompt once.
 
 Dream (`shift=True`, objective "dream"): the output at position i - 1 predicts token i, as in the
 AR model Dream starts from and as `jaxgen.samplers.dream` reads it; position 0 is never noised.
@@ -31,9 +32,9 @@ from jaxgen.objectives.options import DiffusionOptions
 from jaxgen.objectives.registry import register
 
 
-def prefix_lm_mask(prompt_BL):
-    """[B, L, L]: prompt queries see only the prompt; answer queries see everything."""
-    return prompt_BL[:, None, :] | ~prompt_BL[:, :, None]
+def prompt_lengths(prompt_BL):
+    """[B] int32: each row's leading run of prompt tokens (the prefix of `layouts.prefix(None)`)."""
+    return jnp.sum(jnp.cumprod(prompt_BL.astype(jnp.int32), axis=1), axis=1)
 
 
 def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True, complementary: bool = False,
@@ -55,8 +56,9 @@ def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True,
         masked = jnp.concatenate([masked, inverse])
         t_B = jnp.concatenate([t_B, jnp.maximum(1.0 - t_B, eps)])
         tokens, loss_mask, prompt = (jnp.concatenate([a, a]) for a in (tokens, loss_mask, prompt))
-    chunk_mask = prefix_lm_mask(prompt) if prefix_lm else None
-    logits, _ = forward(params, cfg, noisy, layout=layouts.full(), chunk_mask_BLL=chunk_mask)
+    # prefix-LM: the prompt sees only itself, the answer sees everything
+    layout, split = (layouts.prefix(None), prompt_lengths(prompt)) if prefix_lm else (layouts.full(), None)
+    logits, _ = forward(params, cfg, noisy, layout=layout, split_B=split)
     if shift:  # row i reads the output at i - 1 (row 0 is never noised)
         logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     ce = cross_entropy(logits, tokens)

@@ -7,6 +7,7 @@ but not yet cached; drafts g_1..g_{k-1} propose positions n+1..n+k-1. One step f
 
     [last, g_1..g_{k-1} | M_0 | M_1 | ... | M_{k-1}]          (k + k*k rows, k = draft_length)
 
+under `layouts.verify_draft(k)` (coordinates: the chunk's cache slots n.., split n):
 - the first k rows causally over the cache: their AR logits give p_j, the next-token
   distribution after row j;
 - M_a = k MASKs at positions n+a+1..n+a+k, attending to the cache, rows 0..a and bidirectionally
@@ -20,25 +21,32 @@ are the exact AR K/V: the cache advances by a + 1 and the rest of the chunk is d
 next drafts are M_a's rows 1..k-1 (row 0's position is the AR token's). Greedy TiDAR therefore
 returns exactly greedy AR decoding of the same model, with up to k tokens per forward.
 
+On the decode skeleton: forward = the step chunk, propose = the drafts of every outcome, rule =
+verification (a, next token), update = write, keep block a's drafts, truncate the cache. The
+prefill forward (`layouts.prefix(P, causal_prefix=True)`: the prompt causal, one MASK block
+seeing it) also drafts the first block.
+
 Decision (the spec marks the layout [2nd-hand]): one block per acceptance outcome, block size =
-draft length; the prefill forward also drafts the first block. Rows of a batch progress
-independently (`jax.vmap` over rows); `nfe` is the forward count of the slowest row.
+draft length. Rows share one batch with per-row cache lengths: each row verifies at its own n
+and accepts its own a; finished rows idle. `nfe` counts batched forwards, the slowest row's.
 """
 from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, truncate, write_at
-from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.cache import init_cache, place_rows, truncate, write_at
+from jaxgen.decoding import loop
 from jaxgen.decoding.checks import check_prompt, with_mask_id
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
+from jaxgen.errors import JaxgenError
+from jaxgen.model import forward, unstack_layers
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, draft_length: int = 8,
@@ -58,31 +66,11 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, draft_length: i
                      greedy=float(temperature) == 0)
 
 
-def step_chunk_mask(k: int) -> np.ndarray:
-    """[k + k*k, k + k*k] bool: the causal rows, then block M_a seeing rows 0..a and itself."""
-    L = k + k * k
-    m = np.zeros((L, L), bool)
-    m[:k, :k] = np.tril(np.ones((k, k), bool))
-    for a in range(k):
-        s = k + a * k
-        m[s:s + k, : a + 1] = True
-        m[s:s + k, s:s + k] = True
-    return m
-
-
 def step_positions(n, k: int):
-    """RoPE positions of one step's rows: n..n+k-1, then n+a+1..n+a+k for each block a."""
+    """RoPE positions of one step's rows (n scalar or [B]): n..n+k-1, then n+a+1..n+a+k per block a."""
     a = np.repeat(np.arange(k), k)
     r = np.tile(np.arange(k), k)
-    return n + jnp.asarray(np.concatenate([np.arange(k), a + 1 + r]), jnp.int32)
-
-
-def prefill_chunk_mask(P: int, k: int) -> np.ndarray:
-    """[P + k, P + k] bool: the prompt causal, then one MASK block seeing the prompt and itself."""
-    m = np.zeros((P + k, P + k), bool)
-    m[:P, :P] = np.tril(np.ones((P, P), bool))
-    m[P:, :] = True
-    return m
+    return jnp.asarray(n, jnp.int32)[..., None] + jnp.asarray(np.concatenate([np.arange(k), a + 1 + r]), jnp.int32)
 
 
 def _probs(logits, cfg, temperature):
@@ -99,7 +87,7 @@ def _pick(logits_LV, cfg, key, temperature, greedy):
 
 
 def verify(p_logits_kV, drafts_K, q_KV, key, cfg, temperature, greedy):
-    """(accepted count a in [0, k-1], next AR token) from the causal rows' logits."""
+    """(accepted count a in [0, k-1], next AR token) from the causal rows' logits (one row)."""
     k = p_logits_kV.shape[0]
     if greedy:
         ar_tok = jnp.argmax(forbid_mask_token(p_logits_kV, cfg), axis=-1).astype(jnp.int32)
@@ -118,56 +106,76 @@ def verify(p_logits_kV, drafts_K, q_KV, key, cfg, temperature, greedy):
     return a, jax.random.categorical(k_res, jnp.log(dist)).astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class Drafts:
+    """Per-row TiDAR state: tokens [0, end) are known, [0, end - 1) cached; `last` = token end - 1."""
+    end: jax.Array  # int32 [B]
+    last: jax.Array  # int32 [B]
+    drafts: jax.Array  # int32 [B, k - 1]: proposals for positions end..end+k-2
+    q: jax.Array  # [B, k - 1, V] their draft distributions ([B, k - 1, 1] when greedy: unused)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "k", "greedy"))
 def _generate(params, cfg, prompt, key, temperature, *, gen_length, k, greedy):
     params = unstack_layers(params)
     B, P = prompt.shape
+    total, L = P + gen_length, k + k * k
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
-    tokens, nfe = jax.vmap(lambda p, kk: _decode_row(params, cfg, p, kk, temperature, gen_length, k, greedy))(
-        prompt, row_keys)
-    return SamplerOutput(tokens=tokens, nfe=jnp.max(nfe))
+    pick = jax.vmap(lambda logits, kk: _pick(logits, cfg, kk, temperature, greedy))  # over rows
+    step_layout = layouts.verify_draft(k)
+
+    def step_forward(state):
+        c = state.carry
+        n = jnp.minimum(c.end - 1, total - 1)  # finished rows idle at a slot inside the cache
+        chunk = jnp.concatenate([c.last[:, None], c.drafts, jnp.full((B, k * k), cfg.mask_id, jnp.int32)], axis=1)
+        logits, cache = forward(params, cfg, chunk, positions=step_positions(n, k), layout=step_layout,
+                                cache=write_at(state.cache, n), layout_idx_BL=n[:, None] + jnp.arange(L),
+                                split_B=n)
+        return logits, cache, 1
+
+    def propose(logits, state):
+        """The AR rows' logits, and the drafts (with distributions) of every outcome a."""
+        blocks = logits[:, k:].reshape(B, k, k, -1)[:, :, 1:]  # [B, a, k - 1, V]
+        if greedy:  # no keys
+            return logits[:, :k], jnp.argmax(forbid_mask_token(blocks, cfg), axis=-1).astype(jnp.int32), None, None
+        keys = jax.vmap(lambda kk: jax.random.split(jax.random.fold_in(kk, state.nfe)))(row_keys)
+        drafts, q = jax.vmap(lambda blk, kk: jax.vmap(lambda b: _pick(b, cfg, kk, temperature, greedy))(blk))(
+            blocks, keys[:, 1])
+        return logits[:, :k], drafts, q, keys[:, 0]
+
+    def rule(proposal, state):
+        p_logits, _, _, k_ver = proposal
+        c = state.carry
+        return jax.vmap(lambda p, d, q, kk: verify(p, d, q, kk, cfg, temperature, greedy),
+                        in_axes=(0, 0, 0, None if greedy else 0))(p_logits, c.drafts, c.q, k_ver)
+
+    def update(state, proposal, commit, cache):
+        _, drafts_all, q_all, _ = proposal
+        (a, nxt), c, live = commit, state.carry, ~state.done
+        written = jnp.where(jnp.arange(k) < a[:, None], jnp.concatenate([c.drafts, c.drafts[:, -1:]], 1),
+                            nxt[:, None])  # g_1..g_a, then the AR token
+        tokens = jnp.where(live[:, None], place_rows(state.tokens, written, c.end), state.tokens)
+        new = Drafts(c.end + a + 1, nxt, loop.take_at(drafts_all, a), c.q if greedy else loop.take_at(q_all, a))
+        carry = jax.tree.map(lambda n_, o: jnp.where(live.reshape((B,) + (1,) * (n_.ndim - 1)), n_, o), new, c)
+        cache = truncate(cache, carry.end - 1)  # rows 0..a of the chunk keep their exact AR K/V
+        return state.replace(tokens=tokens, cache=cache, carry=carry, done=carry.end >= total)
+
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update)
+    state = _prefill(params, cfg, prompt, row_keys, pick, total + L, gen_length, k, greedy)
+    state = loop.run(recipe, state, gen_length)
+    return SamplerOutput(tokens=state.tokens[:, :total], nfe=state.nfe)
 
 
-def _decode_row(params, cfg, prompt_P, key, temperature, gen_length, k, greedy):
-    P = prompt_P.shape[0]
-    total = P + gen_length
-    L = k + k * k
-    cache = init_cache(cfg, 1, total + L, per_layer=True)
-    full = layouts.full()
-
-    # prefill: the prompt causally, plus the MASK block that drafts positions P+1..P+k-1
-    chunk = jnp.concatenate([prompt_P, jnp.full((k,), cfg.mask_id, jnp.int32)])[None]
-    logits, cache = forward(params, cfg, chunk, layout=full, cache=cache,
-                            chunk_mask_BLL=jnp.asarray(prefill_chunk_mask(P, k))[None])
-    k0, k1 = jax.random.split(jax.random.fold_in(key, 0))
-    last, _ = _pick(logits[0, P - 1], cfg, k0, temperature, greedy)
-    drafts, q = _pick(logits[0, P + 1:], cfg, k1, temperature, greedy)
-    if q is None:
-        q = jnp.zeros((k - 1, 1), jnp.float32)
-    cache = truncate(cache, P)
-    out = jnp.zeros((total + k,), jnp.int32).at[:P].set(prompt_P).at[P].set(last)
-    step_mask = jnp.asarray(step_chunk_mask(k))[None]
-
-    def cond(c):
-        return c[0] < total
-
-    def body(c):
-        done, out, cache, last, drafts, q, nfe = c
-        n = done - 1
-        chunk = jnp.concatenate([last[None], drafts, jnp.full((k * k,), cfg.mask_id, jnp.int32)])[None]
-        logits, cache = forward(params, cfg, chunk, positions=step_positions(n, k)[None], layout=full, cache=write_at(cache, n),
-                                chunk_mask_BLL=step_mask)
-        k_ver, k_draft = jax.random.split(jax.random.fold_in(key, nfe))
-        a, nxt = verify(logits[0, :k], drafts, q, k_ver, cfg, temperature, greedy)
-        block = jax.lax.dynamic_slice_in_dim(logits[0], k + a * k + 1, k - 1, axis=0)
-        new_drafts, new_q = _pick(block, cfg, k_draft, temperature, greedy)
-        if new_q is None:
-            new_q = q
-        idx = jnp.arange(k)
-        written = jnp.where(idx < a, jnp.concatenate([drafts, drafts[-1:]]), nxt)  # g_1..g_a, then the AR token
-        out = jax.lax.dynamic_update_slice_in_dim(out, written, done, axis=0)
-        return done + a + 1, out, truncate(cache, n + a + 1), nxt, new_drafts, new_q, nfe + 1
-
-    carry = (jnp.int32(P + 1), out, cache, last, drafts, q, jnp.int32(1))
-    _, out, _, _, _, _, nfe = jax.lax.while_loop(cond, body, carry)
-    return out[:total], nfe
+def _prefill(params, cfg, prompt, row_keys, pick, cache_len, gen_length, k, greedy):
+    """The prompt causally plus one MASK block drafting positions P+1..P+k-1; the first token."""
+    B, P = prompt.shape
+    cache = init_cache(cfg, B, cache_len, per_layer=True)
+    chunk = jnp.concatenate([prompt, jnp.full((B, k), cfg.mask_id, jnp.int32)], axis=1)
+    logits, cache = forward(params, cfg, chunk, layout=layouts.prefix(P, causal_prefix=True), cache=cache)
+    keys = jax.vmap(lambda kk: jax.random.split(jax.random.fold_in(kk, 0)))(row_keys)
+    last, _ = pick(logits[:, P - 1], keys[:, 0])
+    drafts, q = pick(logits[:, P + 1:], keys[:, 1])
+    q = jnp.zeros((B, k - 1, 1), jnp.float32) if greedy else q
+    tokens = jnp.zeros((B, P + gen_length + k), jnp.int32).at[:, :P].set(prompt).at[:, P].set(last)
+    carry = Drafts(jnp.full((B,), P + 1, jnp.int32), last, drafts, q)
+    return loop.new_state(tokens, truncate(cache, P), nfe=1, carry=carry, done=carry.end >= P + gen_length)

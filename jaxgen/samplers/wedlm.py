@@ -4,8 +4,10 @@ fork naoro/WeDLM; shared/specs/diffusion_lm.md §5.1).
 
 Topological reordering: the window is fed in *physical* order [decoded tokens | MASKs] (each
 group in logical order) while RoPE keeps the *logical* positions, and attention is causal over
-the physical order after the cache. Every MASK so sees all decoded tokens, and the leading
-decoded tokens see only the cache and each other, so their K/V are exactly the AR K/V.
+the physical order after the cache: `layouts.causal()` over the window's cache slots (its
+layout coordinates), the logical positions going to RoPE only. Every MASK so sees all decoded
+tokens, and the leading decoded tokens see only the cache and each other, so their K/V are
+exactly the AR K/V.
 
 Per row, `c` tokens are committed (cached). Each step:
 1. `lead` = the number of leading decoded tokens of the window [c, c + window_size); the fed
@@ -21,7 +23,10 @@ starts as `window_size` MASKs after it.
 Decisions: entropy and tokens come from the mask-forbidden distribution (the mask token is never
 a candidate). The loop stops once [P, P + gen_length) holds no MASK: the reference runs one more
 forward whose only effect is to prune (commit) those last tokens, so our NFE is the
-reference's minus one. Rows progress independently (`jax.vmap`); `nfe` is the slowest row's.
+reference's minus one. On the decode skeleton: forward = the reordered window, propose =
+tokens and entropies, rule = the fill, update = write, commit the lead, truncate the cache. Rows
+share one batch with per-row cache lengths and window starts; finished rows idle; `nfe` counts
+batched forwards, the slowest row's.
 `experiments/reference_parity.py --wedlm` drives the engine's own decoder and sampler with
 WeDLM's `hf_compat` model on CPU against this sampler: identical tokens, NFE as stated.
 """
@@ -33,9 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, truncate, write_at
+from jaxgen.cache import init_cache, place_rows, truncate, write_at
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
+from jaxgen.decoding import loop
 from jaxgen.decoding.checks import check_prompt, with_mask_id
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
@@ -66,9 +72,10 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, window_size: in
 
 
 def physical_order(tokens_W, valid_W, mask_id):
-    """Permutation putting decoded tokens first, then MASKs, then padding, each in logical order."""
+    """Permutation (per row, last axis) putting decoded tokens first, then MASKs, then padding,
+    each in logical order."""
     group = jnp.where(~valid_W, 2, jnp.where(tokens_W == mask_id, 1, 0))
-    return jnp.argsort(group, stable=True)
+    return jnp.argsort(group, axis=-1, stable=True)
 
 
 def select_fill(entropy_W, is_mask_W, threshold, pos_penalty):
@@ -85,54 +92,53 @@ def select_fill(entropy_W, is_mask_W, threshold, pos_penalty):
 def _generate(params, cfg, prompt, key, threshold, pos_penalty, temperature, top_k, top_p, *, gen_length, window,
               greedy):
     params = unstack_layers(params)
-    B = prompt.shape[0]
+    B, P = prompt.shape
+    total, W, F = P + gen_length, window, 2 * window  # F: window_size + at most window_size leading decoded
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
-    run = lambda p, k: _decode_row(params, cfg, p, k, threshold, pos_penalty, temperature, top_k, top_p,
-                                   gen_length, window, greedy)
-    tokens, nfe = jax.vmap(run)(prompt, row_keys)
-    return SamplerOutput(tokens=tokens, nfe=jnp.max(nfe))
 
+    def view(state):
+        """Each row's window: (start c [B], lead [B], fed [B, F] logical order, valid [B, F])."""
+        c = state.carry
+        fed = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, F))(state.tokens, c)
+        lead = jnp.sum(jnp.cumprod((fed[:, :W] != cfg.mask_id).astype(jnp.int32), axis=1), axis=1)
+        return c, lead, fed, jnp.arange(F) < (W + lead)[:, None]
 
-def _decode_row(params, cfg, prompt_P, key, threshold, pos_penalty, temperature, top_k, top_p, gen_length, W,
-                greedy):
-    P = prompt_P.shape[0]
-    total = P + gen_length
-    F = 2 * W  # the fed window: window_size + at most window_size leading decoded tokens
-    cache = init_cache(cfg, 1, total + F, per_layer=True)
-    _, cache = forward(params, cfg, prompt_P[None], layout=layouts.causal(), cache=cache)
-    canvas = jnp.full((total + F,), cfg.mask_id, jnp.int32).at[:P].set(prompt_P)
-    causal_F = jnp.tril(jnp.ones((F, F), bool))
-    rows = jnp.arange(F)
-
-    def cond(c):
-        _, canvas, _, _ = c
-        return jnp.any(canvas[P:total] == cfg.mask_id)
-
-    def body(c):
-        done, canvas, cache, nfe = c
-        head = jax.lax.dynamic_slice_in_dim(canvas, done, W)
-        lead = jnp.sum(jnp.cumprod((head != cfg.mask_id).astype(jnp.int32)))
-        fed = jax.lax.dynamic_slice_in_dim(canvas, done, F)
-        valid = rows < W + lead
+    def step_forward(state):  # the window in physical order, causal over its slots, logical RoPE
+        c, _, fed, valid = view(state)
         perm = physical_order(fed, valid, cfg.mask_id)
-        valid_phys = valid[perm]
-        logits, cache = forward(params, cfg, fed[perm][None], positions=(done + perm)[None], layout=layouts.full(),
-                                cache=write_at(cache, done), kv_valid_BL=valid_phys[None],
-                                chunk_mask_BLL=(causal_F & valid_phys[None, :])[None])
-        cache = truncate(cache, done + lead)  # the leading decoded tokens are committed with exact K/V
-        logits_W = jnp.zeros((F, logits.shape[-1]), logits.dtype).at[perm].set(logits[0])  # logical order
+        take = lambda a: jnp.take_along_axis(a, perm, axis=1)
+        logits, cache = forward(params, cfg, take(fed), positions=c[:, None] + perm, layout=layouts.causal(),
+                                cache=write_at(state.cache, c), kv_valid_BL=take(valid),
+                                layout_idx_BL=c[:, None] + jnp.arange(F))
+        return jnp.take_along_axis(logits, jnp.argsort(perm, axis=1)[..., None], axis=1), cache, 1  # logical order
+
+    def propose(logits_W, state):
         logits_W = forbid_mask_token(logits_W, cfg)
         logp = jax.nn.log_softmax(logits_W, axis=-1)
         entropy = -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
         if greedy:
-            tok = jnp.argmax(logits_W, axis=-1)
-        else:
-            filtered = filter_top_k_top_p(logits_W, top_k, top_p)
-            tok = jax.random.categorical(jax.random.fold_in(key, nfe), filtered / temperature, axis=-1)
-        is_mask = (fed == cfg.mask_id) & valid
-        fill = select_fill(entropy, is_mask, threshold, pos_penalty)
-        canvas = jax.lax.dynamic_update_slice_in_dim(canvas, jnp.where(fill, tok.astype(jnp.int32), fed), done, axis=0)
-        return done + lead, canvas, cache, nfe + 1
+            return jnp.argmax(logits_W, axis=-1).astype(jnp.int32), entropy
+        filtered = filter_top_k_top_p(logits_W, top_k, top_p) / temperature
+        draw = lambda kk, f: jax.random.categorical(jax.random.fold_in(kk, state.nfe), f, axis=-1)
+        return jax.vmap(draw)(row_keys, filtered).astype(jnp.int32), entropy
 
-    _, canvas, _, nfe = jax.lax.while_loop(cond, body, (jnp.int32(P), canvas, cache, jnp.int32(1)))
-    return canvas[:total], nfe
+    def rule(proposal, state):
+        _, _, fed, valid = view(state)
+        fill = jax.vmap(select_fill, in_axes=(0, 0, None, None))(proposal[1], (fed == cfg.mask_id) & valid,
+                                                                  threshold, pos_penalty)
+        return fill & ~state.done[:, None]
+
+    def update(state, proposal, fill, cache):
+        c, lead, fed, _ = view(state)
+        tokens = place_rows(state.tokens, jnp.where(fill, proposal[0], fed), c)
+        c = jnp.where(state.done, c, c + lead)  # the leading decoded tokens are committed with exact K/V
+        done = ~jnp.any(tokens[:, P:total] == cfg.mask_id, axis=1)
+        return state.replace(tokens=tokens, cache=truncate(cache, c), carry=c, done=done)
+
+    cache = init_cache(cfg, B, total + F, per_layer=True)
+    _, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
+    canvas = jnp.full((B, total + F), cfg.mask_id, jnp.int32).at[:, :P].set(prompt)
+    state = loop.new_state(canvas, cache, nfe=1, carry=jnp.full((B,), P, jnp.int32))
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update)
+    state = loop.run(recipe, state, gen_length + F)  # every step fills a MASK of [P, total + F): never binding
+    return SamplerOutput(tokens=state.tokens[:, :total], nfe=state.nfe)

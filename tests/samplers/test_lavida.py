@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import np_llama
-from jaxgen import model
+from jaxgen import layouts, model
 from jaxgen.errors import JaxgenError
 from jaxgen.objectives import masked_diffusion as md_objective
 from jaxgen.samplers import lavida
@@ -73,10 +73,11 @@ def test_complementary_and_prefix_lm_objective(tiny_cfg, tiny_params):
     assert np.isfinite(float(value))
     # the two copies mask every answer token exactly once: half of the doubled answer tokens
     assert float(metrics["mask_rate"]) == pytest.approx(0.5)
-    # prefix-LM: prompt outputs do not depend on the answer
-    m = md_objective.prefix_lm_mask(prompt)
-    a, _ = model.forward(tiny_params, tiny_cfg, tokens, chunk_mask_BLL=m)
-    b, _ = model.forward(tiny_params, tiny_cfg, tokens.at[:, 6].set(7), chunk_mask_BLL=m)
+    # prefix-LM: prompt outputs do not depend on the answer (the layout the objective uses)
+    split = md_objective.prompt_lengths(prompt)
+    np.testing.assert_array_equal(np.asarray(split), [4, 4])
+    a, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layouts.prefix(None), split_B=split)
+    b, _ = model.forward(tiny_params, tiny_cfg, tokens.at[:, 6].set(7), layout=layouts.prefix(None), split_B=split)
     np.testing.assert_allclose(np.asarray(a[:, :4]), np.asarray(b[:, :4]), rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(a[:, 4:]), np.asarray(b[:, 4:]))
 

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxgen import cache as cache_lib
 from jaxgen import layouts, model
 from jaxgen.errors import JaxgenError
 from jaxgen.objectives import tidar as tidar_objective
@@ -59,12 +60,18 @@ def test_ar_diffusion_layout():
     np.testing.assert_array_equal(m, want)
 
 
-def test_chunk_mask_reproduces_causal_layout(tiny_cfg, tiny_params):
-    tokens = PROMPT
+def test_verify_rows_of_a_step_equal_causal_decoding(tiny_cfg, tiny_params):
+    """The step layout feeds the k verify rows causally after the cache: their logits are the
+    plain causal forward's (which is why accepted rows leave exact AR K/V in the cache)."""
+    k, n = 3, 5
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, n + k)), jnp.int32)
     causal, _ = model.forward(tiny_params, tiny_cfg, tokens)
-    tril = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
-    masked, _ = model.forward(tiny_params, tiny_cfg, tokens, layout=layouts.full(), chunk_mask_BLL=tril)
-    np.testing.assert_allclose(np.asarray(masked), np.asarray(causal), rtol=1e-5, atol=1e-5)
+    _, cache = model.forward(tiny_params, tiny_cfg, tokens[:, :n], cache=cache_lib.init_cache(tiny_cfg, 2, 32))
+    chunk = jnp.concatenate([tokens[:, n:], jnp.full((2, k * k), 259, jnp.int32)], axis=1)
+    step, _ = model.forward(tiny_params, tiny_cfg, chunk, positions=tidar.step_positions(jnp.full((2,), n), k),
+                            layout=layouts.verify_draft(k), cache=cache, layout_idx_BL=n + jnp.arange(k + k * k)[None],
+                            split_B=n)
+    np.testing.assert_allclose(np.asarray(step[:, :k]), np.asarray(causal[:, n:]), rtol=1e-5, atol=1e-5)
 
 
 def test_objective_trains_and_sampler_is_lossless(trained):
