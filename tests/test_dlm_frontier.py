@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from helpers import TINY_RUN
 
 NAMES = ["AR greedy", "LLaDA", "Fast-dLLM threshold 0.9 + dual", "Learn2PD filter 0.9",
          "Dream entropy (2 tokens/step)", "NBDiff threshold 0.9", "WeDLM streaming (entropy 0.4)"]
@@ -18,10 +19,10 @@ def test_frontier_writes_json_and_plot(tmp_path, data_dir):
     frontier = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(frontier)
     out = tmp_path / "frontier"
-    frontier.run(out_dir=out, steps=2, gen_length=8, block=8, batch=2, prompt_len=8, repeats=1, progress=False,
-                 data_dir=data_dir, only=NAMES,
-                 overrides=["hidden_size=32", "num_layers=1", "mlp_dim=64", "seq_len=32", "batch_size=4",
-                            "max_files=30", "eval_batches=1", "filter_rollouts=4"])
+    # one prompt row: its "rows decoded alone" pass reuses the batched run's compilation; the models
+    # and the filter's rollouts have the shapes of tests/training's runs, whose compilations they reuse
+    frontier.run(out_dir=out, steps=2, adapt_steps=2, gen_length=8, block=8, batch=1, prompt_len=8, repeats=1,
+                 progress=False, data_dir=data_dir, only=NAMES, overrides=TINY_RUN + ["filter_rollouts=8"])
     result = json.loads((out / "frontier.json").read_text())
     rows = result["rows"]
     assert {(g["decoder"], g["field"]) for g in result["goals"]} == {
@@ -33,6 +34,10 @@ def test_frontier_writes_json_and_plot(tmp_path, data_dir):
     assert all((out / m / "run_config.json").exists() for m in ("nbdiff", "dream", "wedlm"))
     assert all(r["nfe"] > 0 and r["tokens_per_s"] > 0 and r["bits_per_byte"] > 0 for r in rows)
     assert all(0 < r["row_tokens_per_nfe"] <= 8 for r in rows)  # each row decoded alone: 1..gen_length NFE
+    by_name = {r["decoder"]: r for r in rows}
+    one_per_step = ["AR greedy", "LLaDA", "Dream entropy (1 token/step)", "NBDiff (1 token/step)", "WeDLM AR greedy"]
+    assert [by_name[n]["nfe"] for n in one_per_step] == [8] * 5 and by_name["Dream entropy (2 tokens/step)"]["nfe"] == 4
+    assert all(r["row_tokens_per_nfe"] == r["tokens_per_nfe"] == 8 / r["nfe"] for r in rows)  # one row: the same
     assert all(r["speedup_vs_baseline"] > 0 for r in rows if r["baseline"])
     assert (out / "frontier.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown decoder"):

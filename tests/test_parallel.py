@@ -1,4 +1,5 @@
 """Sharding: rules fail early with clear errors; 1 device and an 8-device CPU mesh give the same run."""
+import json
 import os
 import subprocess
 import sys
@@ -48,37 +49,46 @@ def test_batch_must_divide():
         parallel.spec_for(("batch", None), (6, 16), FakeMesh(data=4), parallel.get_rules("dp"), "batch")
 
 
-SCRIPT = textwrap.dedent("""
-    import json, sys, jax, numpy as np
-    sys.path.insert(0, "tests")
-    from helpers import TINY_MODEL, synthetic_batches, tiny_train
-    from jaxgen import parallel
+def train_on_mesh(out, mesh_spec, rules, devices):
+    """A 3-step masked-diffusion run on `devices`: its losses, eval loss, where wq lives, first params."""
+    import jax
+
+    from helpers import synthetic_batches, tiny_train
     from jaxgen.training import loop
+    tcfg = tiny_train(steps=3, rules=rules, mesh=mesh_spec, objective="masked_diffusion")
+    batches, val = synthetic_batches(tcfg)
+    r = loop.train(TINY_MODEL, tcfg, out, batches=batches, val_rows=val, mesh=parallel.make_mesh(mesh_spec, devices))
+    return {"losses": [m["loss"] for m in loop.read_metrics(r["metrics_path"])], "eval": r["eval_loss"],
+            "wq_devices": len(r["state"].params["layers"]["wq"].sharding.device_set),
+            "params": [np.asarray(x).tolist() for x in jax.tree.leaves(r["state"].params)][:3]}
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, jax
+    sys.path.insert(0, "tests")
+    from test_parallel import train_on_mesh
     assert jax.device_count() == 8
-    out = {}
-    for name, mesh_spec, rules, devices in [("one", "", "fsdp", jax.devices()[:1]),
-                                            ("eight", "data=2,fsdp=2,tensor=2", "fsdp+tp", jax.devices())]:
-        tcfg = tiny_train(steps=3, rules=rules, mesh=mesh_spec, objective="masked_diffusion")
-        batches, val = synthetic_batches(tcfg)
-        mesh = parallel.make_mesh(mesh_spec, devices)
-        r = loop.train(TINY_MODEL, tcfg, sys.argv[1] + "/" + name, batches=batches, val_rows=val, mesh=mesh)
-        wq = r["state"].params["layers"]["wq"]
-        out[name] = {"losses": [m["loss"] for m in loop.read_metrics(r["metrics_path"])],
-                     "eval": r["eval_loss"], "wq_devices": len(wq.sharding.device_set),
-                     "params": [np.asarray(x).tolist() for x in jax.tree.leaves(r["state"].params)][:3]}
-    print(json.dumps(out))
+    print(json.dumps(train_on_mesh(sys.argv[1], "data=2,fsdp=2,tensor=2", "fsdp+tp", jax.devices())))
 """)
 
 
 def test_one_device_and_eight_device_mesh_agree(tmp_path):
+    """The 8-device run goes to a subprocess (the device count is fixed at start-up); the 1-device
+    run trains here meanwhile."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(out["one"]["losses"], out["eight"]["losses"], rtol=1e-5)
-    np.testing.assert_allclose(out["one"]["eval"], out["eight"]["eval"], rtol=1e-5)
-    assert out["one"]["wq_devices"] == 1 and out["eight"]["wq_devices"] == 8
-    for a, b in zip(out["one"]["params"], out["eight"]["params"]):
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "eight")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        one = train_on_mesh(tmp_path / "one", "", "fsdp", jax.devices()[:1])
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    eight = json.loads(stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-5)
+    np.testing.assert_allclose(one["eval"], eight["eval"], rtol=1e-5)
+    assert one["wq_devices"] == 1 and eight["wq_devices"] == 8
+    for a, b in zip(one["params"], eight["params"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)

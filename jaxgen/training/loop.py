@@ -3,10 +3,14 @@
 The loop is deterministic in (seed, step): batch `step` comes from `Batches.at(step)` and the
 step's key is fold_in(train_key, step), so a stopped and resumed run ends bit-for-bit where an
 uninterrupted run ends. A curriculum (the objective's `options.at_step`) compiles one step per
-stage.
+stage. Compiled functions are shared by the `train` calls of one process that agree on what they
+depend on (model config, optimizer, objective, mesh): a run resumed, repeated or restarted
+`--fresh` in the same process compiles nothing again.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import math
 import pathlib
@@ -19,11 +23,43 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxgen import config as config_lib
 from jaxgen import data as data_lib
 from jaxgen import objectives, parallel
 from jaxgen.training.checkpoint import Checkpointer
-from jaxgen.training.runs import init_state_from_run, write_run_config
-from jaxgen.training.state import TrainState, init_state, make_optimizer, state_shardings
+from jaxgen.training.runs import params_from_run, write_run_config
+from jaxgen.training.state import TrainState, init_state, make_optimizer, state_from_params, state_shardings
+
+
+# TrainConfig fields that steer only the loop, its data and its files, never a compiled function
+_LOOP_ONLY = ("dataset", "data_files", "data_dir", "tokenizer", "max_files", "seed", "log_every", "eval_every",
+              "eval_batches", "ckpt_every", "keep_checkpoints", "init_from", "progress")
+_NOT_INIT = ("objective", "objective_options", "batch_size", "grad_accum", "seq_len")  # nor the init's
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)}
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_MAX = 32
+
+
+def _step_key(tcfg):
+    """tcfg with the loop-only fields at their defaults, and its objective's loss function (names
+    can be registered again): equal keys compile the same train step."""
+    return dataclasses.replace(tcfg, **{f: _DEFAULTS[f] for f in _LOOP_ONLY}), objectives.get(tcfg.objective).loss
+
+
+def _init_key(tcfg):
+    """What the initial state depends on: the optimizer and sharding fields of tcfg."""
+    return dataclasses.replace(tcfg, **{f: _DEFAULTS[f] for f in _LOOP_ONLY + _NOT_INIT})
+
+
+def _shared(key, build):
+    """The jitted function under `key`, built once per process (the last _COMPILED_MAX are kept), so
+    that train calls agreeing on key reuse its compilation."""
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]
 
 
 def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, loss_fn=None):
@@ -63,9 +99,12 @@ def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, loss_fn=None):
 
 
 def make_eval_step(cfg, tcfg):
-    """jit(eval)(params, batch, key) -> metrics of tcfg's objective (final options, no curriculum)."""
-    loss_fn = objectives.loss_for(tcfg)
-    return jax.jit(lambda params, batch, key: loss_fn(params, cfg, batch, key)[1])
+    """jit(eval)(params, batch, key) -> metrics of tcfg's objective (final options, no curriculum);
+    one per (model config, objective, options) in a process."""
+    def build():
+        loss_fn = objectives.loss_for(tcfg)
+        return jax.jit(lambda params, batch, key: loss_fn(params, cfg, batch, key)[1])
+    return _shared(("eval", cfg, objectives.get(tcfg.objective).loss, tcfg.objective_options), build)
 
 
 def evaluate(eval_step, params, val_rows, tcfg, batch_shard) -> float:
@@ -98,7 +137,7 @@ def _prepare_out(out: pathlib.Path, fresh: bool) -> None:
         (out / "run_config.json").unlink(missing_ok=True)
 
 
-def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key):
+def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh):
     """The latest checkpoint in `out` (metrics after it dropped), else `init_from`'s params, else init."""
     latest = ckpt.latest_step()
     if latest is not None:
@@ -107,8 +146,13 @@ def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key):
         _truncate_metrics(out / "metrics.jsonl", latest)
         return ckpt.restore(latest, abstract)
     if tcfg.init_from:
-        return init_state_from_run(cfg, optimizer, tcfg.init_from, shardings)
-    return init_state(cfg, optimizer, init_key, shardings)
+        params = params_from_run(cfg, tcfg.init_from)
+        start = _shared(("from_params", cfg, _init_key(tcfg), mesh),
+                        lambda: jax.jit(lambda p: state_from_params(p, optimizer, None), out_shardings=shardings))
+        return start(params)
+    init = _shared(("init", cfg, _init_key(tcfg), mesh),
+                   lambda: jax.jit(lambda k: init_state(cfg, optimizer, k, None), out_shardings=shardings))
+    return init(init_key)
 
 
 def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, mesh=None, fresh: bool = False,
@@ -130,14 +174,13 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
     batch_shard = parallel.batch_sharding(mesh, tcfg.rules, tcfg.batch_size)
     init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
     ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
-    state = _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key)
-    stage_steps = {}  # options of a curriculum stage -> its compiled train step
+    state = _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh)
 
-    def train_step(state, batch, key, stage):
-        if stage not in stage_steps:
-            stage_steps[stage] = make_train_step(cfg, tcfg, optimizer, shardings, batch_shard,
-                                                 objectives.loss_for(tcfg, stage))
-        return stage_steps[stage](state, batch, key)
+    def train_step(state, batch, key, stage):  # one compiled step per curriculum stage
+        step_fn = _shared(("step", cfg, _step_key(tcfg), stage, mesh),
+                          lambda: make_train_step(cfg, tcfg, optimizer, shardings, batch_shard,
+                                                  objectives.loss_for(tcfg, stage)))
+        return step_fn(state, batch, key)
 
     eval_step = make_eval_step(cfg, tcfg)
     start, end = int(state.step), tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)

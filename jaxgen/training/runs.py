@@ -67,13 +67,18 @@ def load_run(out_dir):
     return cfg, tcfg, state.params
 
 
-def init_state_from_run(cfg, optimizer, run_dir, shardings):
-    """Step 0 with the latest params of another run (e.g. AR weights adapted to diffusion) and a
-    fresh optimizer. The model configs must agree."""
+def params_from_run(cfg, run_dir):
+    """The latest params of another run (e.g. AR weights adapted to diffusion), whose model config
+    must equal `cfg`."""
     src_cfg, _, params = load_run(run_dir)
     if src_cfg != cfg:
         diff = {k: (getattr(src_cfg, k), getattr(cfg, k)) for k in dataclasses.asdict(cfg)
                 if getattr(src_cfg, k) != getattr(cfg, k)}
         raise CheckpointError(f"init_from={run_dir!s} holds a model with another config {diff} (theirs, ours); "
                               "train with the same model keys")
-    return state_from_params(params, optimizer, shardings)
+    return params
+
+
+def init_state_from_run(cfg, optimizer, run_dir, shardings):
+    """Step 0 with the latest params of another run and a fresh optimizer (see `params_from_run`)."""
+    return state_from_params(params_from_run(cfg, run_dir), optimizer, shardings)

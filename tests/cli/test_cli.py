@@ -1,13 +1,12 @@
 """The jaxgen command end to end on a tiny run: train, resume, sample, eval, convert; bad input."""
 import pytest
 
+from helpers import TINY_RUN
 from jaxgen import cli
 from jaxgen.cli import sample
 from jaxgen.samplers import registry as samplers
 
-TINY = ["hidden_size=32", "num_layers=1", "num_heads=2", "num_kv_heads=1", "head_dim=8", "mlp_dim=64",
-        "seq_len=32", "batch_size=4", "max_files=30", "log_every=2", "eval_every=2", "ckpt_every=2",
-        "progress=false", "eval_batches=1"]
+TINY = TINY_RUN + ["log_every=2", "eval_every=2", "ckpt_every=2", "progress=false"]
 
 
 def test_train_sample_eval_convert(tmp_path, data_dir, capsys):

@@ -10,9 +10,9 @@ OLD_KNOBS = dict(block_size=8, tidar_alpha=0.5, aux_ar_weight=1.0, curriculum_st
 
 
 def test_objective_options_round_trip_and_old_records_load(tmp_path):
-    tcfg = tiny_train(objective="tidar", steps=1, alpha=0.5, block_size=8)
+    tcfg = tiny_train(objective="tidar", alpha=0.5, block_size=8)
     batches, _ = synthetic_batches(tcfg)
-    loop.train(TINY_MODEL, tcfg, tmp_path / "r", batches=batches)
+    loop.train(TINY_MODEL, tcfg, tmp_path / "r", batches=batches, stop_after=1)  # one step, one checkpoint
     path = tmp_path / "r" / "run_config.json"
     record = json.loads(path.read_text())
     assert record["train"]["objective_options"] == {"alpha": 0.5, "block_size": 8}
