@@ -17,7 +17,6 @@ we double the block in equal stages and weight the AR loss 1 (spec §4.3).
 """
 from __future__ import annotations
 
-import dataclasses
 
 import jax.numpy as jnp
 
@@ -25,7 +24,7 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import cross_entropy, next_token_ce, noised_block_batch
-from jaxgen.objectives.options import BlockOptions, DiffusionOptions, check_weight
+from jaxgen.objectives.options import AuxARBlockOptions
 from jaxgen.objectives.registry import register
 
 
@@ -49,18 +48,4 @@ def loss(params, cfg, batch, key, *, block_size: int = 4, eps: float = 1e-3, ant
     return value, {"loss": value, "ar_ce": ar, "diffusion": diff, "tokens": answer.sum()}
 
 
-@dataclasses.dataclass(frozen=True)
-class NBDiffOptions(BlockOptions, DiffusionOptions):
-    """Block size (and curriculum), the diffusion time sampler and the auxiliary AR loss weight."""
-
-    aux_ar_weight: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_weight("aux_ar_weight", self.aux_ar_weight)
-
-    def loss_kwargs(self) -> dict:
-        return dict(super().loss_kwargs(), aux_ar_weight=self.aux_ar_weight)
-
-
-register("nbdiff", loss, NBDiffOptions)
+register("nbdiff", loss, AuxARBlockOptions)

@@ -121,3 +121,18 @@ def check_weight(name: str, value: float) -> None:
     """A loss weight: finite and >= 0."""
     if not (math.isfinite(value) and value >= 0):
         raise ConfigError(f"{name}={value} must be a finite number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxARBlockOptions(BlockOptions, DiffusionOptions):
+    """Block size (and curriculum), the diffusion time sampler and the auxiliary AR loss weight
+    (NBDiff, WeDLM)."""
+
+    aux_ar_weight: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_weight("aux_ar_weight", self.aux_ar_weight)
+
+    def loss_kwargs(self) -> dict:
+        return dict(super().loss_kwargs(), aux_ar_weight=self.aux_ar_weight)

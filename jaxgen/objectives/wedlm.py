@@ -21,7 +21,6 @@ static (no per-row attention mask), as the paper does with Magi Attention.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import jax.numpy as jnp
 
@@ -29,7 +28,7 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import cross_entropy, next_token_ce, noised_block_batch
-from jaxgen.objectives.options import BlockOptions, DiffusionOptions, check_weight
+from jaxgen.objectives.options import AuxARBlockOptions
 from jaxgen.objectives.registry import register
 
 
@@ -64,18 +63,4 @@ def loss(params, cfg, batch, key, *, block_size: int = 32, eps: float = 1e-3, an
     return value, {"loss": value, "ar_ce": ar, "diffusion": diff, "masked_ce": masked_ce, "tokens": answer.sum()}
 
 
-@dataclasses.dataclass(frozen=True)
-class WeDLMOptions(BlockOptions, DiffusionOptions):
-    """Block size (and curriculum), the diffusion time sampler and the auxiliary AR loss weight."""
-
-    aux_ar_weight: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_weight("aux_ar_weight", self.aux_ar_weight)
-
-    def loss_kwargs(self) -> dict:
-        return dict(super().loss_kwargs(), aux_ar_weight=self.aux_ar_weight)
-
-
-register("wedlm", loss, WeDLMOptions)
+register("wedlm", loss, AuxARBlockOptions)
