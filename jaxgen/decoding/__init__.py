@@ -13,5 +13,5 @@ the reference's vocabulary):
 - `threshold`, `factor`, `temperature`, `top_k`, `top_p`, `mask_id`, `eos_id`, and
   `prompt_lengths` ([B] ints for a right-padded ragged prompt).
 """
-from jaxgen.decoding import checks, loop, processors, propose, rules, schedules  # noqa: F401
+from jaxgen.decoding import checks, dkv, loop, processors, propose, rules, schedules  # noqa: F401
 from jaxgen.decoding.loop import DecodeState, Recipe, SamplerOutput, run  # noqa: F401

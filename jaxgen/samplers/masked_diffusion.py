@@ -60,7 +60,8 @@ from jaxgen import cache as cache_lib
 from jaxgen.cache import read, write_at
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward, unstack_layers
-from jaxgen.samplers import dkv, learn2pd
+from jaxgen.decoding import dkv
+from jaxgen.samplers import learn2pd
 from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
 from jaxgen.decoding import checks, loop
 from jaxgen.decoding.loop import SamplerOutput

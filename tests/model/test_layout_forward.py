@@ -80,7 +80,7 @@ def reference(params, cfg, tokens, positions, chunk_mask, past_len=0, past_token
     return np.delete(logits[0], cfg.mask_id, axis=-1)
 
 
-def close(got, want):
+def assert_close(got, want):
     np.testing.assert_allclose(np.delete(np.asarray(got), 259, axis=-1), want, rtol=2e-4, atol=2e-4)
 
 
@@ -99,7 +99,7 @@ def test_tidar_prefill_and_step_equal_their_old_dense_masks(tiny_cfg, tiny_param
     got, _ = model.forward(tiny_params, tiny_cfg, jnp.asarray(chunk), layout=layouts.prefix(P, causal_prefix=True),
                            cache=cache)
     for r in range(2):
-        close(got[r], reference(tiny_params, tiny_cfg, chunk[r], np.arange(P + k), old_prefill_chunk_mask(P, k)))
+        assert_close(got[r], reference(tiny_params, tiny_cfg, chunk[r], np.arange(P + k), old_prefill_chunk_mask(P, k)))
     # a step at a different cache end per row: n = 4 and 7
     n = np.array([4, 7])
     history = rng.randint(0, 256, (2, 8)).astype(np.int32)
@@ -111,7 +111,7 @@ def test_tidar_prefill_and_step_equal_their_old_dense_masks(tiny_cfg, tiny_param
                                prefilled(tiny_cfg, tiny_params, history, n, 32), jnp.asarray(n)),
                            layout_idx_BL=jnp.asarray(n[:, None] + np.arange(L)), split_B=jnp.asarray(n))
     for r in range(2):
-        close(got[r], reference(tiny_params, tiny_cfg, step[r], n[r] + offsets, old_step_chunk_mask(k), n[r],
+        assert_close(got[r], reference(tiny_params, tiny_cfg, step[r], n[r] + offsets, old_step_chunk_mask(k), n[r],
                                 history[r]))
 
 
@@ -123,7 +123,7 @@ def test_prefix_lm_with_per_row_prompts_equals_the_old_dense_mask(tiny_cfg, tiny
                            split_B=prompt_lengths(jnp.asarray(prompt)))
     old = prompt[:, None, :] | ~prompt[:, :, None]  # objectives.masked_diffusion.prefix_lm_mask
     for r in range(2):
-        close(got[r], reference(tiny_params, tiny_cfg, tokens[r], np.arange(12), old[r]))
+        assert_close(got[r], reference(tiny_params, tiny_cfg, tokens[r], np.arange(12), old[r]))
 
 
 def test_wedlm_window_equals_the_old_dense_mask(tiny_cfg, tiny_params):
@@ -141,7 +141,7 @@ def test_wedlm_window_equals_the_old_dense_mask(tiny_cfg, tiny_params):
     for r in range(2):
         old = np.tril(np.ones((F, F), bool)) & valid[r][None, :]  # samplers.wedlm's chunk mask
         want = reference(tiny_params, tiny_cfg, fed[r], c[r] + perm[r], old, c[r], history[r])
-        close(got[r][valid[r]], want[valid[r]])
+        assert_close(got[r][valid[r]], want[valid[r]])
 
 
 def test_tree_equals_its_ancestor_mask(tiny_cfg, tiny_params):
@@ -160,4 +160,4 @@ def test_tree_equals_its_ancestor_mask(tiny_cfg, tiny_params):
         while j >= 0:
             anc[i, j], j = True, TREE[j]
     for r in range(2):
-        close(got[r], reference(tiny_params, tiny_cfg, nodes[r], n[r] + 1 + depth, anc, n[r], history[r]))
+        assert_close(got[r], reference(tiny_params, tiny_cfg, nodes[r], n[r] + 1 + depth, anc, n[r], history[r]))

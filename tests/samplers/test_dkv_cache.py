@@ -9,7 +9,8 @@ import pytest
 
 import np_llama
 from jaxgen.errors import JaxgenError
-from jaxgen.samplers import dkv, masked_diffusion
+from jaxgen.decoding import dkv
+from jaxgen.samplers import masked_diffusion
 from test_fast_dllm import PROMPT, commit_rows, schedule, softmax
 
 

@@ -1,4 +1,4 @@
-"""dKV-Cache (horseee/dKV-Cache) helpers for `masked_diffusion.generate(cache="dkv_decode" |
+"""dKV-Cache (horseee/dKV-Cache) refresh rules for `masked_diffusion.generate(cache="dkv_decode" |
 "dkv_greedy")`: the greedy variant's per-block decode order and the positions it recomputes."""
 from __future__ import annotations
 
