@@ -11,18 +11,27 @@ under its own architecture name. Both run with full attention (`layouts.full()`)
 shifted logits are the Dream sampler's business, not the checkpoint's. SDAR (JetLM/SDAR-*,
 `SDARForCausalLM`) is Qwen3 under its own architecture name, decoded with the block-causal
 layout by `jaxgen.samplers.block_diffusion`.
+
+RoPE scaling (`rope_scaling` / `rope_parameters`): default, linear, dynamic, yarn and llama3 load
+into `ModelConfig.rope_scaling` (Llama 3.1/3.2 use llama3, Qwen checkpoints yarn or dynamic);
+other types are refused. `load` checks every tensor against the shape config.json implies and
+refuses missing or unexpected tensors; `save` writes into a temporary folder beside the target and
+renames it into place, so an interrupted save leaves any previous checkpoint there whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 
 import numpy as np
 
-from jaxgen.config import ModelConfig
-from jaxgen.errors import HFFormatError
+from jaxgen.config import ROPE_TYPES, ModelConfig, RopeScaling
+from jaxgen.errors import ConfigError, HFFormatError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "LLaDAModelLM": "llada", "DreamModel": "dream", "SDARForCausalLM": "sdar"}
@@ -116,6 +125,60 @@ def _llama_tensor_name_to_llada(name: str) -> str:
     return _rename_tensor(name, _LLAMA_GLOBAL_NAMES, _LLAMA_BLOCK_NAMES, "model.layers.", "model.transformer.blocks.")
 
 
+# The RoPE fields transformers reads for each rope type (the rest of the dict it ignores, so do we).
+_ROPE_HF_FIELDS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+                   "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+                            "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+                   "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+
+
+def rope_scaling_from_hf(hf: dict) -> RopeScaling:
+    """config.json's `rope_scaling` (or transformers 5's `rope_parameters`) as a RopeScaling,
+    filling what transformers fills: the original length of yarn/llama3 from a top-level
+    original_max_position_embeddings or else max_position_embeddings, and dynamic's (which
+    transformers always takes from max_position_embeddings)."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    per_layer = [v for v in rope.values() if isinstance(v, dict)]  # {layer_type: {...}} (transformers 5)
+    if per_layer:
+        if any(v != per_layer[0] for v in per_layer):
+            raise HFFormatError(f"rope_parameters differ between layer types ({rope}); jaxgen applies one RoPE "
+                                "to every layer")
+        rope = per_layer[0]
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise HFFormatError(f"rope_scaling type {kind!r} is not supported; jaxgen loads rope types "
+                            f"{', '.join(ROPE_TYPES)}")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise HFFormatError(f"partial_rotary_factor={partial} is not supported; jaxgen rotates the whole head")
+    fields = {k: rope[k] for k in _ROPE_HF_FIELDS[kind] if rope.get(k) is not None}
+    max_pos = hf.get("max_position_embeddings", 2048)
+    if kind in ("yarn", "llama3"):
+        fields["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
+                                                      or fields.get("original_max_position_embeddings") or max_pos)
+    elif kind == "dynamic":
+        fields["original_max_position_embeddings"] = max_pos
+    try:
+        return RopeScaling(rope_type=kind, **fields)
+    except ConfigError as e:
+        raise HFFormatError(f"config.json's rope_scaling {rope} cannot load: {e}") from None
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> dict | None:
+    """The `rope_scaling` dict transformers reads back to the same frequencies (None: plain RoPE)."""
+    rope = cfg.rope_scaling
+    if rope.rope_type == "default":
+        return None
+    out = {k: v for k, v in dataclasses.asdict(rope).items() if v is not None}
+    if rope.rope_type == "dynamic":  # transformers takes the trained length from max_position_embeddings
+        if rope.original_max_position_embeddings != cfg.max_seq_len:
+            raise HFFormatError(f"dynamic RoPE trained at {rope.original_max_position_embeddings} positions but "
+                                f"max_seq_len={cfg.max_seq_len}: transformers reads the trained length from "
+                                "max_position_embeddings, so save with max_seq_len equal to it")
+        del out["original_max_position_embeddings"]
+    return out
+
+
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """Map an HF config.json dict to a ModelConfig."""
     family = family_of(hf)
@@ -140,10 +203,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         raise HFFormatError(f"use_sliding_window=True (window {hf['sliding_window']} from layer "
                             f"{hf.get('max_window_layers', 0)}) is not supported; jaxgen attends over the whole "
                             "sequence, so only checkpoints without sliding-window layers load exactly")
-    rope_scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
-    if rope_scaling.get("rope_type", "default") not in ("default", None):
-        raise HFFormatError(f"rope_scaling type {rope_scaling.get('rope_type')!r} is not supported yet; "
-                            "only plain RoPE (rope_type='default') loads exactly")
+    kw["rope_scaling"] = rope_scaling_from_hf(hf)
     vocab = kw["vocab_size"]
     ids = {name: hf.get(f"{name}_token_id") for name in ("bos", "eos", "pad")}
     ids = {k: (v[0] if isinstance(v, list) else v) for k, v in ids.items()}
@@ -162,6 +222,9 @@ def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict:
             or cfg.qk_norm and family not in ("qwen3", "sdar")):
         raise HFFormatError(f"family {family!r} does not match the config (qkv_bias={cfg.qkv_bias}, "
                             f"qk_norm={cfg.qk_norm})")
+    if cfg.qkv_bias and family in ("llama", "qwen3", "sdar"):
+        raise HFFormatError(f"family {family!r} cannot hold q/k/v biases alone (its attention_bias adds an o_proj "
+                            "bias too); save qkv_bias=True models as 'qwen2', 'dream' or 'llada'")
     hf = {
         "architectures": [_FAMILY_TO_ARCH[family]], "model_type": _FAMILY_TO_MODEL_TYPE[family],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -173,6 +236,12 @@ def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict:
         "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
         "mask_token_id": cfg.mask_id,
     }
+    rope = rope_scaling_to_hf(cfg)
+    if rope is not None:
+        if family == "llada":
+            raise HFFormatError(f"LLaDA's model class has no RoPE scaling; rope_scaling type "
+                                f"{cfg.rope_scaling.rope_type!r} cannot be saved as family 'llada'")
+        hf["rope_scaling"] = rope
     if family in ("llama", "llada"):
         hf |= {"attention_bias": cfg.qkv_bias, "mlp_bias": False}
     if family == "sdar":  # fields SDAR's model class reads at inference (its block_size only trains)
@@ -213,14 +282,83 @@ def load(path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     hf = json.loads(cfg_file.read_text())
     cfg = config_from_hf(hf, param_dtype=dtype)
     tensors = _read_safetensors(path)
+    source_names = None
     if family_of(hf) == "llada":  # LLaDA's names -> the Llama names params_from_hf reads
+        source_names = {_llada_tensor_name(k): k for k in tensors}
         tensors = {_llada_tensor_name(k): v for k, v in tensors.items()}
-    params = params_from_hf(tensors, cfg)
+    params = params_from_hf(tensors, cfg, source_names)
     return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
 
 
-def params_from_hf(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-    """Map HF tensor names to the jaxgen params pytree (numpy)."""
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor (HF Llama/Qwen names) a checkpoint of `cfg` holds: name -> (torch shape, the
+    config.json fields that imply it)."""
+    V, E, F, H, K, D = cfg.vocab_size, cfg.hidden_size, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = {"model.embed_tokens.weight": ((V, E), "vocab_size x hidden_size"),
+           "model.norm.weight": ((E,), "hidden_size")}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = ((V, E), "vocab_size x hidden_size")
+    q, kv = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
+    layer = {"input_layernorm.weight": ((E,), "hidden_size"),
+             "post_attention_layernorm.weight": ((E,), "hidden_size"),
+             "self_attn.q_proj.weight": ((H * D, E), f"{q} x hidden_size"),
+             "self_attn.k_proj.weight": ((K * D, E), f"{kv} x hidden_size"),
+             "self_attn.v_proj.weight": ((K * D, E), f"{kv} x hidden_size"),
+             "self_attn.o_proj.weight": ((E, H * D), f"hidden_size x {q}"),
+             "mlp.gate_proj.weight": ((F, E), "intermediate_size x hidden_size"),
+             "mlp.up_proj.weight": ((F, E), "intermediate_size x hidden_size"),
+             "mlp.down_proj.weight": ((E, F), "hidden_size x intermediate_size")}
+    if cfg.qkv_bias:
+        layer |= {"self_attn.q_proj.bias": ((H * D,), q), "self_attn.k_proj.bias": ((K * D,), kv),
+                  "self_attn.v_proj.bias": ((K * D,), kv)}
+    if cfg.qk_norm:
+        layer |= {"self_attn.q_norm.weight": ((D,), "head_dim"), "self_attn.k_norm.weight": ((D,), "head_dim")}
+    for i in range(cfg.num_layers):
+        out |= {f"model.layers.{i}.{name}": v for name, v in layer.items()}
+    return out
+
+
+def _listed(names, limit: int = 6) -> str:
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_tensors(t: dict, cfg: ModelConfig, source_names: dict | None = None) -> None:
+    """Refuse a checkpoint whose tensors are not exactly the ones config.json implies: missing,
+    unexpected (rotary inv_freq buffers and a tied lm_head equal to the embedding excepted) or of
+    another shape. `source_names` maps names back to the file's own (LLaDA) for the messages."""
+    show = (lambda n: repr(source_names.get(n, n))) if source_names else repr
+    expected = expected_shapes(cfg)
+    missing = [n for n in expected if n not in t]
+    if missing:
+        raise HFFormatError(f"tensors {_listed(map(show, missing))} are missing from the checkpoint; the shards "
+                            "are incomplete or the architecture does not match config.json")
+    ignored = {n for n in t if n.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings and "lm_head.weight" in t:
+        head, embed = t["lm_head.weight"], t["model.embed_tokens.weight"]
+        if head.shape != embed.shape or not np.array_equal(head, embed):
+            raise HFFormatError(f"config.json ties the embeddings (tie_word_embeddings) but the checkpoint's "
+                                f"{show('lm_head.weight')} differs from {show('model.embed_tokens.weight')}")
+        ignored.add("lm_head.weight")
+    unexpected = sorted(set(t) - set(expected) - ignored, key=_natural)
+    if unexpected:
+        raise HFFormatError(f"the checkpoint holds tensors config.json does not describe: "
+                            f"{_listed(map(show, unexpected))}; its num_hidden_layers, attention_bias/mlp_bias or "
+                            "architecture do not match the shards (jaxgen has no o_proj or MLP biases)")
+    wrong = [f"{show(n)} has shape {tuple(t[n].shape)}, config.json implies {shape} ({why})"
+             for n, (shape, why) in expected.items() if tuple(t[n].shape) != shape]
+    if wrong:
+        raise HFFormatError(f"{len(wrong)} tensor(s) disagree with config.json: {_listed(wrong)}")
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def params_from_hf(t: dict[str, np.ndarray], cfg: ModelConfig, source_names: dict | None = None) -> dict:
+    """Map HF tensor names to the jaxgen params pytree (numpy), after `check_tensors`."""
+    check_tensors(t, cfg, source_names)
     N, E, H, K, D = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def get(name):
@@ -287,24 +425,66 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    """A file `save` replaces (the rest of a folder, e.g. tokenizer files, is carried over)."""
+    return (name == "config.json" or name.endswith((".safetensors", ".index.json"))
+            or name.startswith("pytorch_model") and name.endswith(".bin"))
+
+
+def _fsync(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def save(path, cfg: ModelConfig, params: dict, family: str | None = None) -> None:
-    """Write config.json + model.safetensors (atomically: into a temp dir, then renamed)."""
+    """Write config.json + model.safetensors, atomically: the checkpoint is written into a fresh
+    temporary folder beside `path` (with any non-checkpoint files already at `path`, such as a
+    tokenizer), synced, and renamed into place; a previous checkpoint is renamed aside first and
+    deleted last. A save that fails or is interrupted leaves the old checkpoint at `path` (or, if the
+    process dies between the two renames, under `.<name>.old-*` beside it) and only a
+    `.<name>.saving-*` folder to delete, never a half-written checkpoint at `path`."""
     from safetensors.numpy import save_file
     path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise HFFormatError(f"{path} exists and is not a directory; hf.save writes a checkpoint folder")
     hf = config_to_hf(cfg, family)
     tensors = params_to_hf(params, cfg)
     if hf["model_type"] == "llada":
         tensors = {_llama_tensor_name_to_llada(k): v for k, v in tensors.items()}
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if path.exists():
-        for f in path.iterdir():
-            if f.name == "config.json" or f.suffix == ".safetensors" or f.name.endswith(".index.json"):
-                f.unlink()
-        for f in tmp.iterdir():
-            os.replace(f, path / f.name)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        if path.exists():
+            for f in path.iterdir():
+                if not _is_checkpoint_file(f.name):
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        for f in ("model.safetensors", "config.json"):
+            _fsync(tmp / f)
+        if path.exists():  # mkdtemp makes the folder private (0700); keep the old folder's mode instead
+            shutil.copymode(path, tmp)
+        else:
+            os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(path.parent)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
+

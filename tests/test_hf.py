@@ -1,5 +1,8 @@
 """Hugging Face interop: logits equal transformers (causal and full layouts), save loads back."""
+import dataclasses
+import inspect
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,9 @@ import pytest
 import torch
 import transformers
 
+from jaxgen import cache as cache_lib
 from jaxgen import hf, layouts, model
+from jaxgen.config import RopeScaling, preset
 from jaxgen.errors import HFFormatError
 
 FAMILIES = {
@@ -18,11 +23,12 @@ FAMILIES = {
 }
 
 
-def make_hf(family, path):
+def make_hf(family, path, **config_kw):
     config_cls, model_cls, extra = FAMILIES[family]
-    c = config_cls(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=96, head_dim=16, max_position_embeddings=64,
-                   rope_theta=5000.0, **extra)
+    kw = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=96, head_dim=16, max_position_embeddings=64,
+              rope_theta=5000.0, **extra)
+    c = config_cls(**kw | config_kw)
     torch.manual_seed(0)
     m = model_cls(c).eval()
     with torch.no_grad():  # non-trivial norms and biases so every tensor matters
@@ -191,3 +197,152 @@ def test_sliding_window_layers_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(c | {"use_sliding_window": True, "sliding_window": 8,
                                                             "max_window_layers": 2}))
     hf.load(tmp_path)  # no layer from max_window_layers on: plain attention everywhere
+
+
+# RoPE scaling with a tiny trained length (16) and 40 positions, so the scaling matters.
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+ROPE_CASES = {
+    "llama3": ("llama", {"rope_scaling": LLAMA3}),
+    "linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "yarn": ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
+    "dynamic": ("qwen2", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_scaling_logits_match_transformers(case, tmp_path):
+    family, kw = ROPE_CASES[case]
+    m = make_hf(family, tmp_path / "ckpt", **kw)
+    cfg, params = hf.load(tmp_path / "ckpt")
+    assert cfg.rope_scaling.rope_type == case
+    tokens = np.random.RandomState(0).randint(0, 300, (1, 40))
+    with torch.no_grad():
+        ref = m(torch.tensor(tokens)).logits.numpy()
+    ours, _ = model.forward(params, cfg, jnp.asarray(tokens))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    plain, _ = model.forward(params, dataclasses.replace(cfg, rope_scaling=RopeScaling()), jnp.asarray(tokens))
+    assert np.abs(np.asarray(plain) - ref)[:, 16:].max() > 1e-3  # the scaling changes the logits (10 x atol)
+
+    hf.save(tmp_path / "back", cfg, params)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["rope_scaling"]["rope_type"] == case
+    assert hf.load(tmp_path / "back")[0] == cfg
+    m2 = FAMILIES[family][1].from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(m2(torch.tensor(tokens)).logits.numpy(), ref, atol=1e-5)
+
+
+def test_dynamic_rope_is_per_call_like_transformers_with_a_cache(tmp_path):
+    """Dynamic NTK frequencies follow each call's max position + 1: prefill 20 positions, then a
+    20-token chunk against the cache, equals transformers doing the same with past_key_values."""
+    m = make_hf("qwen2", tmp_path, **ROPE_CASES["dynamic"][1])
+    cfg, params = hf.load(tmp_path)
+    cfg = dataclasses.replace(cfg, max_seq_len=40)  # run past the trained 16 positions (kept in rope_scaling)
+    assert cfg.rope_scaling.original_max_position_embeddings == 16
+    tokens = np.random.RandomState(1).randint(0, 300, (1, 40))
+    cache_arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"  # 5.x renamed it
+    with torch.no_grad():
+        first = m(torch.tensor(tokens[:, :20]), use_cache=True)
+        past = getattr(first, "cache", None) or first.past_key_values
+        ref = m(torch.tensor(tokens[:, 20:]), **{cache_arg: past}).logits.numpy()
+        whole = m(torch.tensor(tokens)).logits.numpy()
+    c = cache_lib.init_cache(cfg, 1, 40)
+    _, c = model.forward(params, cfg, jnp.asarray(tokens[:, :20]), cache=c)
+    ours, _ = model.forward(params, cfg, jnp.asarray(tokens[:, 20:]), cache=c)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert np.abs(ref - whole[:, 20:]).max() > 1e-3  # the chunked pass really differs from one pass
+
+
+def test_rope_scaling_config_fields():
+    # Llama 3.2 1B's config.json (its rope fields and shape) maps to the llama-1b preset's RoPE
+    llama32 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+               "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "head_dim": 64, "intermediate_size": 8192, "max_position_embeddings": 131072,
+               "rope_theta": 500000.0, "tie_word_embeddings": True,
+               "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    cfg = hf.config_from_hf(llama32)
+    assert (cfg.rope_scaling, cfg.rope_theta) == (preset("llama-1b")[0].rope_scaling, preset("llama-1b")[0].rope_theta)
+    assert hf.config_to_hf(cfg)["rope_scaling"] == llama32["rope_scaling"]
+    # older Qwen configs spell it "type"; transformers 5 writes rope_parameters with rope_theta inside
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 96, "max_position_embeddings": 128}
+    old = hf.config_from_hf(qwen | {"rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 32}})
+    new = hf.config_from_hf(qwen | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                        "original_max_position_embeddings": 32}})
+    assert old == new and old.rope_scaling == RopeScaling(rope_type="yarn", factor=4.0,
+                                                          original_max_position_embeddings=32)
+    # yarn/llama3 without original_max_position_embeddings: max_position_embeddings, as transformers
+    assert hf.config_from_hf(qwen | {"rope_scaling": {"type": "yarn", "factor": 2.0}}).rope_scaling == RopeScaling(
+        rope_type="yarn", factor=2.0, original_max_position_embeddings=128)
+    for rope, msg in [({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]},
+                       "rope_scaling type 'longrope' is not supported; jaxgen loads rope types default, linear, "
+                       "dynamic, yarn, llama3"),
+                      ({"rope_type": "linear"}, "needs factor"),
+                      ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor")]:
+        with pytest.raises(HFFormatError, match=msg):
+            hf.config_from_hf(qwen | {"rope_scaling": rope})
+    dyn = hf.config_from_hf(qwen | {"rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(HFFormatError, match="max_position_embeddings"):  # transformers' trained length
+        hf.config_to_hf(dataclasses.replace(dyn, max_seq_len=256))
+
+
+def rewrite_config(path, **fields):
+    c = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(c | fields))
+
+
+def test_tensor_shapes_are_checked_against_config(tmp_path):
+    make_hf("llama", tmp_path)  # vocab 300, MLP 96, 2 layers, 2 KV heads
+    rewrite_config(tmp_path, vocab_size=320, intermediate_size=128)
+    with pytest.raises(HFFormatError) as e:
+        hf.load(tmp_path)
+    msg = str(e.value)
+    assert "'model.embed_tokens.weight' has shape (300, 64), config.json implies (320, 64) (vocab_size x " in msg
+    assert "'model.layers.0.mlp.gate_proj.weight' has shape (96, 64), config.json implies (128, 64)" in msg
+    assert msg.startswith("8 tensor(s) disagree with config.json")  # embed, lm_head, 2 x gate/up/down
+    rewrite_config(tmp_path, vocab_size=300, intermediate_size=96, num_key_value_heads=4)
+    with pytest.raises(HFFormatError, match=r"k_proj.weight' has shape \(32, 64\), config.json implies \(64, 64\)"):
+        hf.load(tmp_path)
+    rewrite_config(tmp_path, num_key_value_heads=2, num_hidden_layers=1)
+    with pytest.raises(HFFormatError, match="does not describe: 'model.layers.1.input_layernorm.weight'"):
+        hf.load(tmp_path)
+    rewrite_config(tmp_path, num_hidden_layers=2, tie_word_embeddings=True)  # lm_head is not the embedding
+    with pytest.raises(HFFormatError, match="ties the embeddings"):
+        hf.load(tmp_path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails mid-way leaves the previous checkpoint whole and loadable; one that works
+    replaces the old (sharded) checkpoint and keeps the folder's other files."""
+    import safetensors.numpy
+    m = make_hf("llama", tmp_path / "src")
+    m.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")  # sharded, with an index
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    cfg, params = hf.load(tmp_path / "ckpt")
+    before = sorted(os.listdir(tmp_path / "ckpt"))
+    real_save_file = safetensors.numpy.save_file
+
+    def crash(tensors, filename, metadata=None):
+        real_save_file(dict(list(tensors.items())[:3]), filename, metadata=metadata)  # half written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+    doubled = jax.tree.map(lambda a: 2 * a, params)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save(tmp_path / "ckpt", cfg, doubled)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "src"]  # no temporary folder left behind
+    cfg2, params2 = hf.load(tmp_path / "ckpt")
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", real_save_file)
+    hf.save(tmp_path / "ckpt", cfg, doubled)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json"]  # old shards and index gone
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "src"]
+    jax.tree.map(np.testing.assert_array_equal, hf.load(tmp_path / "ckpt")[1], doubled)
