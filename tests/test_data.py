@@ -28,6 +28,30 @@ def test_text_files_builder(tmp_path, data_dir):
         data.load_texts("text_files", "test", data_files=(str(f),), data_dir=data_dir)
 
 
+def test_small_text_files_corpora_split_or_are_refused(tmp_path, data_dir):
+    """Fewer than 20 chunks: the last chunk is validation; one chunk is cut in halves; a corpus
+    too small for two splits is refused with a message (not tfds's "No examples were yielded")."""
+    one = tmp_path / "one.txt"
+    one.write_text("".join(f"line {i}\n" for i in range(300)))  # 5 chunks of 64 lines
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"short {i}\n" for i in range(10)))  # one chunk: two halves of 5 lines
+    for files, train_texts, val_text in [((one,), 4, "line 256\n"), ((short,), 1, "short 5\n")]:
+        kw = dict(data_files=tuple(map(str, files)), data_dir=data_dir)
+        train = data.load_texts("text_files", "train", **kw)
+        val = data.load_texts("text_files", "validation", **kw)
+        assert len(train) == train_texts and len(val) == 1 and val[0].startswith(val_text)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just one line\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for f, what in [(tiny, "has a single line"), (empty, "is empty")]:
+        with pytest.raises(JaxgenError, match=f"{what}: too small for a train and a validation split"):
+            data.load_texts("text_files", "train", data_files=(str(f),), data_dir=data_dir)
+    assert builders.validation_chunks(3) == {2} and builders.validation_chunks(40) == {19, 39}
+    with pytest.raises(JaxgenError, match="max_files=1"):
+        data.load_texts("python_stdlib", "train", data_dir=data_dir, max_files=1)
+
+
 def test_byte_tokenizer_roundtrip_and_packing():
     tok = data.ByteTokenizer()
     text = "héllo wörld"
@@ -72,3 +96,6 @@ def test_validation_bucket_is_stable():
     names = [f"pkg{i // 10}/mod{i}.py" for i in range(4000)]
     share = np.mean([builders._stable_bucket(n) == 0 for n in names])
     assert builders.VALIDATION_EVERY == 20 and 0.035 < share < 0.065
+    # a few files with none in bucket 0 (max_files=2, ...): the last one is validation
+    assert builders._stdlib_validation(["os.py", "typing.py"]) == {"typing.py"}
+    assert builders._stdlib_validation(["os.py", "argparse.py"]) == {"argparse.py"}

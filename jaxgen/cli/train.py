@@ -5,7 +5,7 @@ import dataclasses
 
 from jaxgen import config, data, hf, objectives, parallel
 from jaxgen.objectives.registry import FILTER
-from jaxgen.training import filter_fit, loop, runs
+from jaxgen.training import filter_fit, loop, runs, vocab
 
 
 def run_train(args):
@@ -23,7 +23,10 @@ def run_train(args):
               f"{m['test_positive_rate']:.3f}, over {m['records']} step records; "
               f"saved to {args.out} (load with jaxgen.samplers.learn2pd.load_filter)")
         return
-    result = loop.train(model_cfg, train_cfg, args.out, fresh=args.fresh)
+    tokenizer = data.get_tokenizer(train_cfg.tokenizer)
+    explicit = {key.removeprefix("model.") for key, _ in config.override_items(overrides)} & set(vocab.VOCAB_FIELDS)
+    model_cfg = vocab.model_for_tokenizer(model_cfg, train_cfg, tokenizer, explicit)  # vocab and ids follow it
+    result = loop.train(model_cfg, train_cfg, args.out, tokenizer=tokenizer, fresh=args.fresh, extend=args.extend)
     last = loop.read_metrics(result["metrics_path"])[-1]
     print(f"step {last['step']}: loss {last['loss']:.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
@@ -61,6 +64,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--rules", choices=("dp", "fsdp", "tp", "fsdp+tp"))
     t.add_argument("--out", default="runs/default")
     t.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
+    t.add_argument("--extend", action="store_true", help="continue the run in --out to a larger --steps (the "
+                   "rest of the run follows the new learning-rate schedule); other config changes need --fresh")
     t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=run_train)

@@ -3,8 +3,12 @@
 - `python_stdlib`: the installed Python's standard-library sources (a real code corpus; test
   suites and site-packages excluded). Split by a stable hash of the file path: ~5% validation.
 - `text_files`: any text files the user names; each file is cut into 64-line chunks and every
-  20th chunk goes to validation. The config name is a hash of the paths and their sizes, so a
+  20th chunk goes to validation (with fewer than 20 chunks, the last one; a corpus of one chunk
+  is cut into two halves first). The config name is a hash of the paths and their sizes, so a
   changed file list builds a new dataset instead of reusing a stale one.
+
+Both splits always hold at least one example: a corpus too small for that is refused up front
+with a message, never left to tfds's "No examples were yielded".
 
 Both write array_record shards, read back with `as_data_source()` without TensorFlow.
 """
@@ -64,10 +68,17 @@ class PythonStdlib(_TextCorpus):
 
     def _generate_examples(self, validation: bool):
         root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        for path in stdlib_files(self.builder_config.max_files):
-            rel = str(path.relative_to(root))
-            if (_stable_bucket(rel) == 0) == validation:
-                yield rel, {"text": path.read_text(encoding="utf-8", errors="replace"), "path": rel}
+        names = [str(path.relative_to(root)) for path in stdlib_files(self.builder_config.max_files)]
+        held_out = _stdlib_validation(names)
+        for rel in names:
+            if (rel in held_out) == validation:
+                yield rel, {"text": (root / rel).read_text(encoding="utf-8", errors="replace"), "path": rel}
+
+
+def _stdlib_validation(names) -> set[str]:
+    """The validation files: hash bucket 0, or the last file when no file falls in it (few files)."""
+    held_out = {n for n in names if _stable_bucket(n) == 0}
+    return held_out or set(names[-1:])
 
 
 @dataclasses.dataclass
@@ -83,14 +94,31 @@ class TextFiles(_TextCorpus):
     BUILDER_CONFIGS = [TextFilesConfig(name="empty")]
 
     def _generate_examples(self, validation: bool):
-        n = 0
-        for name in self.builder_config.files:
-            lines = pathlib.Path(name).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-            step = self.builder_config.chunk_lines
-            for i in range(0, len(lines), step):
-                if (n % VALIDATION_EVERY == VALIDATION_EVERY - 1) == validation:
-                    yield f"{name}:{i}", {"text": "".join(lines[i:i + step]), "path": name}
-                n += 1
+        chunks = text_chunks(self.builder_config.files, self.builder_config.chunk_lines)
+        held_out = validation_chunks(len(chunks))
+        for n, (key, text, name) in enumerate(chunks):
+            if (n in held_out) == validation:
+                yield key, {"text": text, "path": name}
+
+
+def text_chunks(files, chunk_lines: int) -> list[tuple[str, str, str]]:
+    """(key, text, file) of each chunk of `chunk_lines` lines of the files, in order; a corpus that
+    makes a single chunk is cut into two halves (so that validation can hold one)."""
+    texts = [(name, pathlib.Path(name).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True))
+             for name in files]
+    total = sum(len(lines) for _, lines in texts)
+    if sum(-(-len(lines) // chunk_lines) for _, lines in texts) == 1:
+        chunk_lines = -(-total // 2)
+    return [(f"{name}:{i}", "".join(lines[i:i + chunk_lines]), name)
+            for name, lines in texts for i in range(0, len(lines), chunk_lines)]
+
+
+def validation_chunks(n: int) -> set[int]:
+    """Indices of the validation chunks among n: every VALIDATION_EVERY-th, or the last one when
+    there are fewer than VALIDATION_EVERY."""
+    if n < VALIDATION_EVERY:
+        return {n - 1}
+    return {i for i in range(n) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1}
 
 
 def text_files_builder(files, data_dir: str | None = None) -> TextFiles:
@@ -104,9 +132,16 @@ def text_files_builder(files, data_dir: str | None = None) -> TextFiles:
         resolved.append(p)
     digest = hashlib.sha1("|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in resolved).encode())
     config = TextFilesConfig(name=f"f{digest.hexdigest()[:12]}", files=tuple(map(str, resolved)))
+    chunks = text_chunks(config.files, config.chunk_lines)
+    if len(chunks) < 2:
+        what = "is empty" if not chunks else "has a single line"
+        raise JaxgenError(f"the text_files corpus {[str(f) for f in files]} {what}: too small for a train and a "
+                          "validation split; add text or more data_files")
     return TextFiles(config=config, data_dir=data_dir or default_data_dir(), file_format="array_record")
 
 
 def stdlib_builder(max_files: int = 0, data_dir: str | None = None) -> PythonStdlib:
+    if max_files == 1:
+        raise JaxgenError("max_files=1: python_stdlib needs at least 2 files (a train and a validation split)")
     config = "all" if not max_files else StdlibConfig(name=f"first{max_files}", max_files=max_files)
     return PythonStdlib(config=config, data_dir=data_dir or default_data_dir(), file_format="array_record")

@@ -54,18 +54,20 @@ def _standard_tfds_texts(name: str, split: str, data_dir):
     return [_text(source[i][keys[0]]) for i in range(len(source))]
 
 
-def pack(texts, tokenizer, seq_len: int) -> np.ndarray:
-    """[N, seq_len] int32 rows of BOS doc EOS BOS doc EOS ... (the ragged tail is dropped)."""
+def pack(texts, tokenizer, seq_len: int, what: str = "corpus") -> np.ndarray:
+    """[N, seq_len] int32 rows of BOS doc EOS BOS doc EOS ... (the ragged tail is dropped);
+    `what` names the texts in errors (e.g. "the validation split")."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     pieces = [np.concatenate([np.asarray(bos, np.int32), tokenizer.encode(t), np.asarray(eos, np.int32)])
               for t in texts if t]
     if not pieces:
-        raise JaxgenError("the corpus is empty")
+        raise JaxgenError(f"the {what} is empty")
     stream = np.concatenate(pieces)
     rows = len(stream) // seq_len
     if rows == 0:
-        raise JaxgenError(f"the corpus has {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
+        raise JaxgenError(f"the {what} has {len(stream)} tokens, fewer than one row of seq_len={seq_len}; "
+                          "use more data or a shorter seq_len")
     return stream[: rows * seq_len].reshape(rows, seq_len)
 
 
@@ -97,6 +99,7 @@ class Batches:
 def corpus(tcfg, tokenizer):
     """(train Batches, validation rows) for a TrainConfig."""
     kw = dict(data_files=tcfg.data_files, data_dir=tcfg.data_dir, max_files=tcfg.max_files)
-    train_rows = pack(load_texts(tcfg.dataset, "train", **kw), tokenizer, tcfg.seq_len)
-    val_rows = pack(load_texts(tcfg.dataset, "validation", **kw), tokenizer, tcfg.seq_len)
+    train_rows = pack(load_texts(tcfg.dataset, "train", **kw), tokenizer, tcfg.seq_len, f"{tcfg.dataset} train split")
+    val_rows = pack(load_texts(tcfg.dataset, "validation", **kw), tokenizer, tcfg.seq_len,
+                    f"{tcfg.dataset} validation split")
     return Batches(train_rows, tcfg.batch_size, tcfg.seed), val_rows

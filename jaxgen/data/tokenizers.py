@@ -8,12 +8,29 @@ import numpy as np
 from jaxgen.errors import JaxgenError
 
 
+MASK_NAMES = ("<|mask|>", "<mask>", "<|MASK|>", "[MASK]", "<|mdm_mask|>")  # looked up as the [MASK] token
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258, MASK=259 (vocab 260)."""
 
     vocab_size = 260
     bos_id, eos_id, pad_id, mask_id = 256, 257, 258, 259
     name = "bytes"
+    SPECIAL = {"<bos>": 256, "<eos>": 257, "<pad>": 258, "<mask>": 259}
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a special token by name (<bos>, <eos>, <pad>, <mask>), else None."""
+        return self.SPECIAL.get(token)
+
+    def token(self, token_id: int) -> str | None:
+        """The name of an id: a special token's name, a byte as repr, None outside the vocabulary."""
+        names = {v: k for k, v in self.SPECIAL.items()}
+        return names.get(token_id, repr(bytes([token_id])) if 0 <= token_id < 256 else None)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a special token (never produced by encoding text)."""
+        return token_id in self.SPECIAL.values()
 
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8", errors="replace") if isinstance(text, str) else bytes(text)
@@ -49,7 +66,20 @@ class HFTokenizer:
         self.bos_id = find("<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>")
         self.eos_id = find("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
         self.pad_id = find("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
-        self.mask_id = find("<|mask|>", "<mask>", "<|MASK|>", "[MASK]", "<|mdm_mask|>")
+        self.mask_id = find(*MASK_NAMES)
+        self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` in the vocabulary (added tokens included), else None."""
+        return self._tok.token_to_id(token)
+
+    def token(self, token_id: int) -> str | None:
+        """The token string of an id, None outside the vocabulary."""
+        return self._tok.id_to_token(int(token_id))
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a special added token (e.g. <|mask|>, a reserved token), not a text piece."""
+        return int(token_id) in self._special
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)

@@ -31,7 +31,7 @@ from jaxgen.model import forward, unstack_layers
 from jaxgen.objectives.learn2pd import Learn2PDOptions
 from jaxgen.samplers import masked_diffusion
 from jaxgen.samplers.learn2pd import filter_features, filter_logits, init_filter
-from jaxgen.training import runs
+from jaxgen.training import runs, vocab
 from jaxgen.training.checkpoint import Checkpointer
 
 
@@ -136,6 +136,7 @@ def train_filter(tcfg, out_dir, *, progress: bool = True) -> dict:
         raise JaxgenError(f"init_from={tcfg.init_from} has no mask_id; Learn2PD serves masked-diffusion models")
     gen, block = opts.filter_gen_length, opts.filter_block_length
     batches, _ = data.corpus(tcfg, data.get_tokenizer(tcfg.tokenizer))
+    vocab.check_rows(cfg, tcfg, batches.rows, f"corpus (for init_from={tcfg.init_from}'s model)")
     feats, labels, valid = collect_rollouts(params, cfg, batches, gen=gen, block=block, prompt_len=tcfg.seq_len - gen,
                                             rollouts=opts.filter_rollouts, batch_size=tcfg.batch_size,
                                             progress=progress)

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -26,14 +27,16 @@ from tqdm.auto import tqdm
 from jaxgen import config as config_lib
 from jaxgen import data as data_lib
 from jaxgen import objectives, parallel
+from jaxgen.training import vocab
 from jaxgen.training.checkpoint import Checkpointer
+from jaxgen.training.guards import NonFinite, check_resume, extension_note
 from jaxgen.training.runs import params_from_run, write_run_config
 from jaxgen.training.state import TrainState, init_state, make_optimizer, state_from_params, state_shardings
 
 
 # TrainConfig fields that steer only the loop, its data and its files, never a compiled function
-_LOOP_ONLY = ("dataset", "data_files", "data_dir", "tokenizer", "max_files", "seed", "log_every", "eval_every",
-              "eval_batches", "ckpt_every", "keep_checkpoints", "init_from", "progress")
+_LOOP_ONLY = ("dataset", "data_files", "data_dir", "tokenizer", "mask_token", "max_files", "seed", "log_every",
+              "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "init_from", "progress")
 _NOT_INIT = ("objective", "objective_options", "batch_size", "grad_accum", "seq_len")  # nor the init's
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)}
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
@@ -122,8 +125,8 @@ def evaluate(eval_step, params, val_rows, tcfg, batch_shard) -> float:
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int):
-    """Drop metrics logged after `last_step` (a resumed run logs them again)."""
-    if not path.exists():
+    """Drop metrics logged after `last_step` (a resumed run logs them again); main process only."""
+    if not path.exists() or not parallel.is_main():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
@@ -131,19 +134,20 @@ def _truncate_metrics(path: pathlib.Path, last_step: int):
 
 def _prepare_out(out: pathlib.Path, fresh: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if fresh:
+    if fresh and parallel.is_main():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "run_config.json").unlink(missing_ok=True)
+    parallel.barrier("jaxgen.train: out prepared")  # others look for checkpoints after the deletions
 
 
 def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh):
     """The latest checkpoint in `out` (metrics after it dropped), else `init_from`'s params, else init."""
     latest = ckpt.latest_step()
+    _truncate_metrics(out / "metrics.jsonl", latest or 0)  # records after it (all, when starting over)
     if latest is not None:
         abstract = jax.eval_shape(lambda k: init_state(cfg, optimizer, k, shardings), init_key)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        _truncate_metrics(out / "metrics.jsonl", latest)
         return ckpt.restore(latest, abstract)
     if tcfg.init_from:
         params = params_from_run(cfg, tcfg.init_from)
@@ -156,18 +160,29 @@ def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh):
 
 
 def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, mesh=None, fresh: bool = False,
-          stop_after: int | None = None, desc: str | None = None) -> dict:
+          extend: bool = False, stop_after: int | None = None, desc: str | None = None) -> dict:
     """Train (or resume) into `out_dir`. Returns {"state", "eval_loss", "metrics_path", ...}.
 
-    `stop_after` ends the loop early at that step (after checkpointing), as an interruption would.
+    A folder holding checkpoints resumes only under the train config it was started with
+    (`guards.check_resume`): `fresh` discards it, `extend` lets a grown `steps` continue it. The
+    model config must agree with the tokenizer (`vocab.check_model`; `vocab.model_for_tokenizer`
+    derives one) and the corpus ids with the model. A non-finite loss stops the run with an error
+    before it is checkpointed. `stop_after` ends the loop early at that step (after
+    checkpointing), as an interruption would.
     """
     options = objectives.options_of(tcfg)  # refuse bad objective options before touching out_dir
+    if batches is None or tokenizer is not None:
+        tokenizer = tokenizer or data_lib.get_tokenizer(tcfg.tokenizer)
+        vocab.check_model(cfg, tcfg, tokenizer)
     out = pathlib.Path(out_dir)
     _prepare_out(out, fresh)
-    write_run_config(out, cfg, tcfg)
+    extensions, extension = check_resume(out, tcfg, extend=extend)
+    write_run_config(out, cfg, tcfg, extensions)
     if batches is None:
-        tokenizer = tokenizer or data_lib.get_tokenizer(tcfg.tokenizer)
         batches, val_rows = data_lib.corpus(tcfg, tokenizer)
+    vocab.check_rows(cfg, tcfg, batches.rows, "train corpus")
+    if val_rows is not None:
+        vocab.check_rows(cfg, tcfg, val_rows, "validation corpus")
     mesh = mesh or parallel.make_mesh(tcfg.mesh)
     optimizer, schedule = make_optimizer(tcfg)
     shardings = state_shardings(cfg, tcfg, mesh, optimizer)
@@ -175,6 +190,8 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
     init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
     ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
     state = _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh)
+    if extension and parallel.is_main():
+        print(extension_note(out, extension, schedule), flush=True)
 
     def train_step(state, batch, key, stage):  # one compiled step per curriculum stage
         step_fn = _shared(("step", cfg, _step_key(tcfg), stage, mesh),
@@ -184,17 +201,19 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
 
     eval_step = make_eval_step(cfg, tcfg)
     start, end = int(state.step), tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
+    guard, last_saved = NonFinite(start), start or None  # a nonzero start step is a restored checkpoint
     metrics_path = out / "metrics.jsonl"
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     eval_loss = None
-    bar = tqdm(total=tcfg.steps, initial=start, disable=not tcfg.progress, desc=desc or tcfg.objective,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not (tcfg.progress and parallel.is_main()),
+               desc=desc or tcfg.objective, dynamic_ncols=True, leave=False)
     t_last, steps_since = time.perf_counter(), 0
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if parallel.is_main() else os.devnull, "a") as log:  # main process writes
         for step in range(start, end):
             stage = options.at_step(step)
             batch = parallel.put_batch(batches.at(step), batch_shard)
             state, metrics = train_step(state, batch, jax.random.fold_in(train_key, step), stage)
+            guard.update(metrics)
             steps_since += 1
             done = step + 1
             is_last = done == tcfg.steps
@@ -210,8 +229,14 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
                 log.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 t_last, steps_since = time.perf_counter(), 0
-            if done % tcfg.ckpt_every == 0 or is_last or done == end:
+            save = done % tcfg.ckpt_every == 0 or is_last or done == end
+            if (save or done % tcfg.log_every == 0) and not guard.finite(done):
+                bar.close()
+                ckpt.close()
+                raise guard.error(done, tcfg, last_saved, float(metrics["loss"]))
+            if save:
                 ckpt.save(done, state)
+                last_saved = done
             bar.update(1)
     bar.close()
     ckpt.close()

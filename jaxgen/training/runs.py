@@ -9,10 +9,11 @@ import pathlib
 import jax
 
 from jaxgen import config as config_lib
+from jaxgen import parallel
 from jaxgen.errors import CheckpointError
 from jaxgen.objectives.settings import migrate_legacy
 from jaxgen.training.checkpoint import Checkpointer
-from jaxgen.training.state import init_state, make_optimizer, state_from_params
+from jaxgen.training.state import init_state, make_optimizer, state_from_params, state_shardings
 
 
 def run_record(cfg, tcfg) -> dict:
@@ -30,25 +31,29 @@ def train_config_from_record(train: dict) -> config_lib.TrainConfig:
     return config_lib.TrainConfig(**dict(train, data_files=tuple(train.get("data_files", ()))))
 
 
-def write_run_config(out: pathlib.Path, cfg, tcfg) -> None:
-    """Record the run in out/run_config.json (atomically); refuse a folder holding a run of
-    another model config."""
+def write_run_config(out: pathlib.Path, cfg, tcfg, extensions=()) -> None:
+    """Record the run in out/run_config.json (atomically), with the run's step extensions if any
+    (see `guards.check_resume`); refuse a folder holding a run of another model config."""
     path = out / "run_config.json"
-    record = run_record(cfg, tcfg)
+    record = dict(run_record(cfg, tcfg), **({"extensions": list(extensions)} if extensions else {}))
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous["model"] != record["model"]:
-            before = previous["model"]
+        before = dataclasses.asdict(config_lib.model_config_from_dict(previous["model"]))  # fields added since
+        if before != record["model"]:                                                     # take their defaults
             diff = {k: (before.get(k), v) for k, v in record["model"].items() if before.get(k) != v}
             raise CheckpointError(f"{out} holds a run with a different model config {diff}; use another --out "
                                   "or --fresh")
+    if not parallel.is_main():  # every process checks; the main one writes
+        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
 
 
-def load_run(out_dir):
-    """(model cfg, train cfg, params) of the latest checkpoint in a `jaxgen train` output folder."""
+def load_run(out_dir, mesh=None, rules: str | None = None):
+    """(model cfg, train cfg, params) of the latest checkpoint in a `jaxgen train` output folder,
+    on one device, or with a `mesh` restored straight into their shardings by `rules` (default:
+    the run's)."""
     out = pathlib.Path(out_dir)
     record_path = out / "run_config.json"
     if not record_path.exists():
@@ -62,6 +67,11 @@ def load_run(out_dir):
         raise CheckpointError(f"{out / 'checkpoints'} holds no checkpoint yet")
     optimizer, _ = make_optimizer(tcfg)
     abstract = jax.eval_shape(lambda k: init_state(cfg, optimizer, k, None), jax.random.key(0))
+    if mesh is not None:
+        shardings = state_shardings(cfg, dataclasses.replace(tcfg, rules=rules or tcfg.rules), mesh, optimizer)
+    else:  # one device (whatever the topology the run was saved from)
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     state = ckpt.restore(step, abstract)
     ckpt.close()
     return cfg, tcfg, state.params
