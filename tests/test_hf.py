@@ -14,7 +14,7 @@ import transformers
 from jaxgen import cache as cache_lib
 from jaxgen import hf, layouts, model
 from jaxgen.config import RopeScaling, preset
-from jaxgen.errors import HFFormatError
+from jaxgen.errors import HFFormatError, JaxgenError
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
@@ -58,6 +58,39 @@ def test_logits_match_transformers(family, tmp_path):
     m2 = FAMILIES[family][1].from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         np.testing.assert_allclose(m2(torch.tensor(tokens)).logits.numpy(), ref_causal, atol=1e-5)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_load_decode_form_equals_decode_params(family, tmp_path, monkeypatch):
+    """form="decode" builds model.decode_params' form layer by layer (never the stacked copy on the
+    device): the same arrays (GQA, q/k/v biases, qk-norm, tied embeddings), in float32 and
+    bfloat16; greedy AR tokens equal."""
+    from jaxgen.samplers import ar
+    make_hf(family, tmp_path)
+    cfg, stacked = hf.load(tmp_path)
+    live = lambda: sum(a.nbytes for a in jax.live_arrays())  # noqa: E731
+    base, peak, fuse = live(), [0], hf.io.fuse_layer
+    monkeypatch.setattr(hf.io, "fuse_layer", lambda lp: (peak.append(live() - base), fuse(lp))[1])
+    cfg_d, dec = hf.load(tmp_path, form="decode")
+    weights = sum(a.nbytes for a in jax.tree.leaves(stacked))
+    assert len(peak) == 1 + cfg.num_layers and max(peak) < weights  # never the stacked copy on device
+    assert cfg_d == cfg and model.is_decode_form(dec) and len(dec["layers"]) == cfg.num_layers
+    assert_trees_equal(dec, model.decode_params(stacked))
+    assert_trees_equal(hf.load(tmp_path, "bfloat16", form="decode")[1],
+                       model.decode_params(hf.load(tmp_path, "bfloat16")[1]))
+    if family == "qwen2":  # one sampler compile per form is enough
+        prompt = jnp.asarray(np.random.RandomState(0).randint(0, 300, (2, 5)))
+        a = ar.generate(stacked, cfg, prompt, jax.random.key(0), gen_length=4).tokens
+        b = ar.generate(dec, cfg, prompt, jax.random.key(0), gen_length=4).tokens
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(JaxgenError, match="form='fused'.*'stacked'.*'decode'"):
+        hf.load(tmp_path, form="fused")
 
 
 def test_bad_directories(tmp_path):
@@ -155,6 +188,7 @@ def test_llada_checkpoint_is_llama_with_full_attention(tmp_path):
     assert cfg2 == cfg
     for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+    assert_trees_equal(hf.load(d, form="decode")[1], model.decode_params(params))  # via LLaDA's names
 
 
 @pytest.mark.parametrize("key,value", [("block_type", "sequential"), ("input_emb_norm", True),
