@@ -72,7 +72,7 @@ def init(cfg, key) -> dict:
 
 
 def _qkv(lp, cfg, x_BLE, cos, sin):
-    if "wqkv" in lp:  # decode form (see `unstack_layers`): one matmul, then split
+    if "wqkv" in lp:  # decode form (see `decode_params`): one matmul, then split
         B, L, _ = x_BLE.shape
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = jnp.einsum("ble,ef->blf", x_BLE, lp["wqkv"])
@@ -106,20 +106,30 @@ def _remat(fn, cfg):
     return fn
 
 
-def unstack_layers(params) -> dict:
+def decode_params(params) -> dict:
     """The decode form of params: "layers" as a list of per-layer dicts, with the q/k/v
     projections fused into one "wqkv" [E, (H + 2K) * D] matrix (and "bqkv") and gate/up into
-    "w_gate_up" [E, 2F]. `forward` accepts either form; decode loops convert once, outside their
-    loop.
+    "w_gate_up" [E, 2F]. Every sampler and `forward` accept either form.
 
-    Why, measured on XLA CPU (4 layers, hidden 256, batch 8): slicing a layer out of stacked
-    arrays copies its weights for every layer of every token (2.0 -> 0.4 ms per step at batch 1),
-    and fewer, wider matmuls cut per-op overhead, which dominates small decode steps.
+    Convert once, outside the samplers (a copy of the weights: drop the stacked params after it
+    if memory is tight), when decode speed matters: decode then runs unrolled over the layers,
+    and per step reads each weight once. Stacked params decode through one `lax.scan` over the
+    layers instead: one layer's weights as temporaries and compile time flat in the depth, but on
+    XLA CPU each step copies every layer's slice (measured 1.4-4x slower per step on small models;
+    accelerators fuse the slice into the matmul).
     """
-    if isinstance(params["layers"], (list, tuple)):
+    if is_decode_form(params):
         return params
     n = jax.tree.leaves(params["layers"])[0].shape[0]
     return dict(params, layers=[_fuse_layer(jax.tree.map(lambda a: a[i], params["layers"])) for i in range(n)])
+
+
+unstack_layers = decode_params  # the earlier name
+
+
+def is_decode_form(params) -> bool:
+    """Whether `params` are in the decode form of `decode_params` (a list of layers)."""
+    return isinstance(params["layers"], (list, tuple))
 
 
 def _fuse_layer(lp: dict) -> dict:
@@ -134,7 +144,7 @@ def _fuse_layer(lp: dict) -> dict:
 
 def _run_layers(body, carry, layers, per_layer=(), last_body=None):
     """Run `body(carry, xs) -> (carry, ys)` over the layers: `lax.scan` over stacked params, or a
-    Python loop over a list of per-layer params (see `unstack_layers`). xs = layer params, or
+    Python loop over a list of per-layer params (see `decode_params`). xs = layer params, or
     (layer params, *per_layer[i]); each of `per_layer` is stacked or a list to match. Returns
     (carry, ys) with ys stacked (scan) or a list (loop). In the loop, `last_body` (if given)
     replaces `body` for the last layer."""
@@ -188,7 +198,7 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
     kv_valid_BL: optional key padding mask for the chunk's own keys.
     out_rows: (start, length) -> outputs for rows [start, start + length) only (length static,
       start a scalar or one per row). Every row still serves as key/value; in the decode form
-      (`unstack_layers`) the last layer's queries, MLP and the head run on those rows only.
+      (`decode_params`) the last layer's queries, MLP and the head run on those rows only.
     layout_idx_BL: the chunk's layout coordinates (default: `positions`, or 0..L-1 for the
       two-stream layouts). With a cache they must be the chunk's slots: a chunk fed out of
       position order (WeDLM's reordered window, TiDAR's step) passes its slots here.
@@ -201,19 +211,17 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
     positions = default_positions(cache, B, L) if positions is None else jnp.asarray(positions, jnp.int32)
     q_idx = _layout_idx(layout, layout_idx_BL, positions)
     kv = cache_lib.plan(cache, q_idx, kv_valid_BL, cfg.dtype)
-    if cache is not None and cache_lib.access(cache).cache.unstacked:
-        params = unstack_layers(params)  # per-layer cache buffers go with per-layer params
     dtype = jnp.dtype(cfg.dtype)
     cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     seq_len = L if cache is None else None
 
-    def layer(x, xs, rows_only=False):
+    def layer(x, xs, rows_only=False, layer_idx=None):
         lp, k_buf, v_buf = xs if cache is not None else (xs, None, None)
         lp = cast(lp)
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = _qkv(lp, cfg, h, cos, sin)
-        keys, values, k_buf, v_buf = kv.layer(k_buf, v_buf, k, v)
+        keys, values, k_buf, v_buf = kv.layer(k_buf, v_buf, k, v, layer_idx)
         q_rows = q_idx
         if rows_only:  # last layer: queries (and the residual stream) of the output rows only
             q, x, q_rows = _select_rows(q, out_rows), _select_rows(x, out_rows), _select_rows(q_idx, out_rows)
@@ -224,17 +232,40 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
         return x + _mlp(lp, h), (k_buf, v_buf)
 
     x = params["embed"].astype(dtype)[tokens_BL]
-    buffers = () if cache is None else (cache_lib.access(cache).cache.k, cache_lib.access(cache).cache.v)
-    last = None if out_rows is None else functools.partial(layer, rows_only=True)
-    body = layer if cache is not None else _remat(layer, cfg)
-    x, kv_out = _run_layers(body, x, params["layers"], buffers, last_body=last)
-    new_cache = None if cache is None else cache_lib.written(cache, *_collect(kv_out, cache), L)
+    if cache is not None and not isinstance(params["layers"], (list, tuple)):
+        x, new_k, new_v = _scan_with_cache(layer, x, params["layers"], cache_lib.access(cache).cache)
+        new_cache = cache_lib.written(cache, new_k, new_v, L)
+    else:
+        buffers = () if cache is None else (cache_lib.access(cache).cache.k, cache_lib.access(cache).cache.v)
+        last = None if out_rows is None else functools.partial(layer, rows_only=True)
+        body = layer if cache is not None else _remat(layer, cfg)
+        x, kv_out = _run_layers(body, x, params["layers"], buffers, last_body=last)
+        new_cache = None if cache is None else cache_lib.written(cache, *_collect(kv_out, cache), L)
     if out_rows is not None and not isinstance(params["layers"], (list, tuple)):
         x = _select_rows(x, out_rows)  # stacked layers ran every row
     x = rms_norm(x, params["final_norm"].astype(dtype), cfg.norm_eps)
     if return_hidden:
         return x, new_cache
     return logits_from_hidden(params, cfg, x), new_cache
+
+
+def _scan_with_cache(layer, x, layers, cache):
+    """Stacked params meet the cache: one `lax.scan` over layers (compile time flat in the depth)
+    whose carry is the whole stacked cache, written in place at each layer's index. Only one
+    layer's weights are live as temporaries, never a copy of the model (`decode_params` trades
+    that for speed). A per-layer (list) cache is stacked for the scan and handed back as a list."""
+    as_list = cache.unstacked
+    k_all, v_all = (jnp.stack(cache.k), jnp.stack(cache.v)) if as_list else (cache.k, cache.v)
+
+    def body(carry, xs):
+        x, k_all, v_all = carry
+        lp, i = xs
+        x, (k_all, v_all) = layer(x, (lp, k_all, v_all), layer_idx=i)
+        return (x, k_all, v_all), None
+
+    n = jax.tree.leaves(layers)[0].shape[0]
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_all, v_all), (layers, jnp.arange(n)))
+    return (x, list(k_all), list(v_all)) if as_list else (x, k_all, v_all)
 
 
 def _collect(kv_out, cache):

@@ -119,8 +119,14 @@ def _from_cache(cache_BKSD, dtype):
     return cache_BKSD.transpose(0, 2, 1, 3).astype(dtype)
 
 
-def _put(buf_BKSD, chunk_BKLD, start):
-    """Write the chunk at slot `start` (scalar: one in-place slice; [B]: per row)."""
+def _put(buf_BKSD, chunk_BKLD, start, layer=None):
+    """Write the chunk at slot `start` (scalar: one in-place slice; [B]: per row). With `layer`,
+    `buf` is the stacked [N, B, K, S, D] cache and the chunk goes into that layer only."""
+    if layer is not None:
+        if start.ndim == 0:
+            return jax.lax.dynamic_update_slice(buf_BKSD, chunk_BKLD[None], (layer, 0, 0, start, 0))
+        put_row = lambda b, c, s: jax.lax.dynamic_update_slice(b, c[None], (layer, 0, s, 0))
+        return jax.vmap(put_row, in_axes=(1, 0, 0), out_axes=1)(buf_BKSD, chunk_BKLD, start)
     if start.ndim == 0:
         return jax.lax.dynamic_update_slice(buf_BKSD, chunk_BKLD, (0, 0, start, 0))
     return jax.vmap(lambda b, c, s: jax.lax.dynamic_update_slice(b, c, (0, s, 0)))(buf_BKSD, chunk_BKLD, start)
@@ -159,17 +165,22 @@ class ChunkPlan:
     access: CacheAccess | None = None
     dtype: str = flax.struct.field(pytree_node=False, default="float32")
 
-    def layer(self, k_buf, v_buf, k_BLKD, v_BLKD):
+    def layer(self, k_buf, v_buf, k_BLKD, v_BLKD, layer=None):
+        """One layer's keys and values. `layer` (an index, possibly traced): the buffers are the
+        whole stacked cache and only that layer's slots are read and written (the scan over
+        stacked layers carries the cache and updates it in place)."""
         if self.access is None:  # no cache: the chunk attends over itself
             return k_BLKD, v_BLKD, None, None
         dtype = jnp.dtype(self.dtype)
+        own = (lambda buf: buf) if layer is None else (lambda buf: buf[layer])
         if not self.access.write:
-            keys = jnp.concatenate([_from_cache(k_buf, dtype), k_BLKD], axis=1)
-            values = jnp.concatenate([_from_cache(v_buf, dtype), v_BLKD], axis=1)
+            keys = jnp.concatenate([_from_cache(own(k_buf), dtype), k_BLKD], axis=1)
+            values = jnp.concatenate([_from_cache(own(v_buf), dtype), v_BLKD], axis=1)
             return keys, values, k_buf, v_buf
-        k_buf = _put(k_buf, self._merge(_to_cache(k_BLKD, k_buf), k_buf), self.access.start)
-        v_buf = _put(v_buf, self._merge(_to_cache(v_BLKD, v_buf), v_buf), self.access.start)
-        return _from_cache(k_buf, dtype), _from_cache(v_buf, dtype), k_buf, v_buf
+        start = self.access.start
+        k_buf = _put(k_buf, self._merge(_to_cache(k_BLKD, k_buf), own(k_buf)), start, layer)
+        v_buf = _put(v_buf, self._merge(_to_cache(v_BLKD, v_buf), own(v_buf)), start, layer)
+        return _from_cache(own(k_buf), dtype), _from_cache(own(v_buf), dtype), k_buf, v_buf
 
     def _merge(self, fresh_BKLD, buf_BKSD):
         keep_BL = self.access.keep_BL
