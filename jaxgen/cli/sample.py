@@ -4,6 +4,9 @@ The sampler flags are generated from the samplers' `generate` keyword arguments
 (`jaxgen.samplers.registry.options`): `foo_bar=0.5` becomes `--foo-bar`, typed after the
 sampler chosen. Only flags given on the command line are passed (plus the few CLI defaults
 below), and a flag the chosen sampler does not take is refused, never dropped.
+
+`--mesh` (and `--rules`) place the params and the prompt batch on a device mesh as `jaxgen train`
+does; with `--distributed` every host runs the same command and the main process prints.
 """
 from __future__ import annotations
 
@@ -13,15 +16,14 @@ import pathlib
 import jax
 import numpy as np
 
-from jaxgen import data, hf
-from jaxgen.errors import ConfigError, JaxgenError
+from jaxgen import data, hf, parallel
+from jaxgen.errors import ConfigError, JaxgenError, ShardingError
 from jaxgen.samplers import learn2pd
 from jaxgen.samplers import registry as samplers
 from jaxgen.training import runs
 
 # One flag for what the samplers name differently: the first keyword a sampler takes wins.
 ALIASES = {
-    "gen_length": ("gen_length", "max_new_tokens"),
     "block_length": ("block_length", "draft_length", "window_size"),
     "steps": ("steps", "denoising_steps"),
     "threshold": ("threshold", "entropy_threshold"),
@@ -65,6 +67,12 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--filter", help="a Learn2PD filter folder (jaxgen train --objective learn2pd); "
                    "--threshold is then the filter's tau")
+    s.add_argument("--mesh", help="shard params and prompts on a mesh, e.g. data=2,fsdp=2,tensor=2 ('' = all "
+                   "devices on data; default: one device, or all on data with --distributed)")
+    s.add_argument("--rules", choices=tuple(parallel.RULES), help="sharding rules with --mesh (default: the "
+                   "run's, fsdp for --hf)")
+    s.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host; "
+                   "run the same command on every host)")
     for name, takers in sampler_flags().items():
         flag = "--" + name.replace("_", "-")
         if any(o.type is bool for _, o in takers):
@@ -134,26 +142,56 @@ def sampler_kwargs(args) -> dict:
     return kwargs
 
 
-def load_model(args):
-    """(cfg, params, tokenizer name) from --run or --hf."""
+def load_model(args, mesh=None):
+    """(cfg, params, tokenizer name, rules) from --run or --hf; with a mesh, params sharded by the
+    rules (--rules, else the run's, else fsdp)."""
     if bool(args.run) == bool(args.hf):
         raise JaxgenError("pass exactly one of --run OUT (a jaxgen train folder) or --hf DIR (a HF checkpoint)")
     if args.run:
-        cfg, tcfg, params = runs.load_run(args.run)
-        return cfg, params, tcfg.tokenizer
+        cfg, tcfg, params = runs.load_run(args.run, mesh=mesh, rules=args.rules)
+        return cfg, params, tcfg.tokenizer, args.rules or tcfg.rules
     cfg, params = hf.load(args.hf)
+    rules = args.rules or "fsdp"
+    if mesh is not None:
+        params = parallel.put_global(params, parallel.param_shardings(cfg, mesh, rules))
     tok = pathlib.Path(args.hf) / "tokenizer.json"
-    return cfg, params, str(tok) if tok.exists() else "bytes"
+    return cfg, params, str(tok) if tok.exists() else "bytes", rules
+
+
+def sample_mesh(args):
+    """The mesh of --mesh / --distributed (None: one device)."""
+    if args.mesh is None and not args.distributed:
+        if args.rules:
+            raise ConfigError("--rules shards the params on a mesh; pass --mesh too (e.g. --mesh data=2,tensor=2)")
+        return None
+    return parallel.make_mesh(args.mesh or "")
+
+
+def place_prompt(prompt, mesh, rules):
+    """The [batch, length] prompt as a global array split over the mesh's batch axes."""
+    try:
+        sharding = parallel.batch_sharding(mesh, rules, prompt.shape[0])
+    except ShardingError as e:
+        raise ShardingError(f"--batch={prompt.shape[0]} must split evenly over the mesh's batch axes: {e}") from None
+    return parallel.put_global(prompt, sharding)
 
 
 def run_sample(args):
+    parallel.initialize_distributed(args.distributed)  # before anything touches a device (--filter loads)
     generate = samplers.get(args.sampler)
     kwargs = sampler_kwargs(args)  # bad flags fail before the model loads
-    cfg, params, tok_name = load_model(args)
+    if args.batch < 1:
+        raise ConfigError(f"--batch={args.batch} must be >= 1 (the number of prompt rows)")
+    mesh = sample_mesh(args)
+    cfg, params, tok_name, rules = load_model(args, mesh)
     tokenizer = data.get_tokenizer(args.tokenizer or tok_name)
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + list(tokenizer.encode(args.prompt))
     prompt = np.asarray([ids] * args.batch, np.int32)
+    if mesh is not None:
+        prompt = place_prompt(prompt, mesh, rules)
     out = generate(params, cfg, prompt, jax.random.key(args.seed), **kwargs)
-    for row in np.asarray(out.tokens):
-        print(repr(tokenizer.decode(row)))
-    print(f"nfe={int(out.nfe)}")
+    tokens, nfe = parallel.to_host(out.tokens), parallel.to_host(out.nfe)  # every process gathers; main prints
+    if parallel.is_main():
+        for row in tokens:
+            print(repr(tokenizer.decode(row)))
+        print(f"nfe={int(nfe)}")

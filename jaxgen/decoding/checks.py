@@ -1,14 +1,44 @@
 """Argument validation shared by the samplers: each raises a JaxgenError (a ValueError) that
-names the bad value and the fix."""
+names the bad value and the fix.
+
+One helper per rule, called by every sampler's `generate` before its jitted call, so a bad
+argument fails before anything compiles. Samplers may themselves be called inside a user's
+`jit`: a check that reads a value skips it when the value is a tracer (shapes are always known,
+so shape checks still apply)."""
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import JaxgenError
 from jaxgen.model import check_tokens
+
+
+def concrete(value) -> bool:
+    """Whether `value` can be read now (not a tracer of an enclosing jit)."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def as_prompt(prompt):
+    """`prompt` as an int32 [batch, length] array, refusing a 1-D, empty or non-integer one (the
+    shape checks apply to tracers too)."""
+    shape = np.shape(prompt)
+    if len(shape) != 2:
+        hint = "; for one prompt pass prompt[None] (or [ids])" if len(shape) == 1 else ""
+        raise JaxgenError(f"prompt must be a [batch, length] array of token ids, got shape {shape}{hint}")
+    if shape[0] == 0:
+        raise JaxgenError(f"prompt has shape {shape}: a batch of 0 prompts; pass at least one row")
+    if shape[1] == 0:
+        raise JaxgenError(f"prompt has shape {shape}: empty prompts; every sampler needs at least one prompt token "
+                          "(e.g. the BOS id)")
+    dtype = getattr(prompt, "dtype", None)
+    dtype = np.asarray(prompt).dtype if dtype is None else np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise JaxgenError(f"prompt must hold integer token ids, got dtype {dtype}")
+    return jnp.asarray(prompt, jnp.int32)
 
 
 def check_prompt(prompt, cfg, total_len: int, *, diffusion: bool, prompt_lengths=None):
@@ -55,13 +85,76 @@ def check_choice(name: str, value, choices):
 
 
 def check_threshold(threshold, name: str = "threshold"):
-    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+    if threshold is not None and concrete(threshold) and not 0.0 < float(threshold) <= 1.0:
         raise JaxgenError(f"{name}={threshold} must lie in (0, 1]")
+
+
+def check_temperature(value, name: str = "temperature"):
+    """A sampling temperature (or Dream's `alg_temp`): a finite number >= 0 (0 = greedy)."""
+    if not concrete(value):
+        return
+    try:
+        ok = bool(np.isfinite(float(value)) and float(value) >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise JaxgenError(f"{name}={value} must be a finite number >= 0 (0 = greedy)")
+
+
+def check_top_p(top_p):
+    """The nucleus mass: None (no filter) or a number in (0, 1] (1 = no filter)."""
+    if top_p is not None and concrete(top_p) and not 0.0 < float(top_p) <= 1.0:
+        raise JaxgenError(f"top_p={top_p} must lie in (0, 1] (1 = no nucleus filter)")
+
+
+def check_top_k(top_k, off=0):
+    """The number of candidates kept: an integer; `off` (0, or None in Dream's samplers) means no
+    filter, so top_k >= 0 (or None / >= 1)."""
+    if top_k is None:
+        if off is None:
+            return
+        raise JaxgenError(f"top_k=None; pass an integer (top_k={off} = no top-k filter)")
+    if not concrete(top_k):
+        return
+    value = np.asarray(top_k)
+    if value.ndim or not np.issubdtype(value.dtype, np.integer):
+        raise JaxgenError(f"top_k={top_k!r} must be an integer")
+    if int(value) < (1 if off is None else 0):
+        raise JaxgenError(f"top_k={top_k} must be " + ("positive (or None for no top-k filter)" if off is None
+                                                       else "an integer >= 0 (0 = no top-k filter)"))
+
+
+def check_filters_need_sampling(temperature, top_k=0, top_p=1.0):
+    """top-k / top-p change nothing in a sampler whose temperature-0 step takes the plain argmax;
+    asking for them there is refused rather than dropped."""
+    if not (concrete(temperature) and concrete(top_k) and concrete(top_p)) or float(temperature) != 0:
+        return
+    given = [f"{n}={v}" for n, v, off in (("top_k", top_k, 0), ("top_p", top_p, 1.0)) if v not in (None, off)]
+    if given:
+        raise JaxgenError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when sampling: at "
+                          "temperature=0 decoding is greedy (argmax); pass temperature > 0 or drop "
+                          + ("them" if len(given) > 1 else "it"))
+
+
+def check_not_given(why: str, **values):
+    """Options that do not apply (`why` says when they would) must not be passed: each value
+    must be None (False for a switch)."""
+    given = [f"{n}={v!r}" if isinstance(v, (bool, int, float, str)) else n
+             for n, v in values.items() if v is not None and v is not False]
+    if given:
+        raise JaxgenError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}")
+
+
+def check_nonnegative(**values):
+    """Each named (concrete) value must be >= 0."""
+    bad = {k: v for k, v in values.items() if concrete(v) and not float(v) >= 0}
+    if bad:
+        raise JaxgenError(", ".join(f"{k}={v}" for k, v in bad.items()) + " must be >= 0")
 
 
 def check_positive(**values):
     """Each named value must be a positive integer."""
-    bad = {k: v for k, v in values.items() if int(v) <= 0}
+    bad = {k: v for k, v in values.items() if concrete(v) and int(v) <= 0}
     if bad:
         raise JaxgenError(", ".join(f"{k}={v}" for k, v in values.items()) + " must be positive")
 

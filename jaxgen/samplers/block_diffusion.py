@@ -57,25 +57,32 @@ from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding.propose import sample_tokens
 from jaxgen.decoding.schedules import num_transfer_tokens
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward, is_decode_form
 
 REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "first_hitting", "ddpm")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: int = 4,
              denoising_steps: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             remasking: str = "low_confidence_dynamic", threshold: float = 0.9,
+             remasking: str = "low_confidence_dynamic", threshold: float | None = None,
              mask_id: int | None = None, fuse_block_write: bool = False, prompt_lengths=None) -> loop.SamplerOutput:
     """SDAR block-diffusion sampler; returns tokens [B, P + gen_length] and the forward count.
-    fuse_block_write: write each clean block's K/V in the next block's first forward; prompt_lengths:
-    a ragged batch (see the module docstring)."""
+    threshold: the `low_confidence_dynamic` rule's (default 0.9); top_k / top_p filter sampling
+    (temperature > 0) only. fuse_block_write: write each clean block's K/V in the next block's
+    first forward; prompt_lengths: a ragged batch (see the module docstring)."""
     cfg = checks.with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
     checks.check_choice("remasking", remasking, REMASKING)
+    if remasking != "low_confidence_dynamic":
+        checks.check_not_given(f"with remasking={remasking!r} (only 'low_confidence_dynamic' commits above a "
+                               "threshold)", threshold=threshold)
+    threshold = 0.9 if threshold is None else threshold
     checks.check_threshold(threshold)
-    if gen_length <= 0 or block_length <= 0 or denoising_steps <= 0:
-        raise JaxgenError(f"gen_length={gen_length}, block_length={block_length}, "
-                          f"denoising_steps={denoising_steps} must be positive")
+    checks.check_positive(gen_length=gen_length, block_length=block_length, denoising_steps=denoising_steps)
+    checks.check_temperature(temperature)
+    checks.check_top_k(top_k)
+    checks.check_top_p(top_p)
+    checks.check_filters_need_sampling(temperature, top_k, top_p)
     if block_length > gen_length:
         raise JaxgenError(f"block_length={block_length} exceeds gen_length={gen_length}")
     if denoising_steps > block_length and remasking != "first_hitting":
@@ -119,7 +126,6 @@ def initial_canvas(prompt, lengths_B, total: int, mask_id: int):
                                              "fuse", "ragged"))
 def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, threshold, *, gen_length, block_length,
               denoising_steps, remasking, fuse, ragged):
-    params = unstack_layers(params)  # once per call, not per step
     B, P = prompt.shape
     bl = block_length
     total = -(-(P + gen_length) // bl) * bl
@@ -203,7 +209,7 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, th
     recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update, after=after,
                          active=lambda s: jnp.any(first_B + s.carry["block"] < end_B))
     x = initial_canvas(prompt, lengths_B, total, cfg.mask_id)
-    cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
+    cache = cache_lib.init_cache(cfg, B, total, per_layer=is_decode_form(params))
     nfe = 0
     prefill = (P // bl) * bl
     if prefill:  # the whole prompt blocks (rows with fewer keep only theirs)

@@ -27,9 +27,9 @@ import numpy as np
 
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward
 from jaxgen.decoding.checks import check_choice, check_prompt, with_mask_id
-from jaxgen.decoding import loop
+from jaxgen.decoding import checks, loop
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding.propose import NEG_INF, kth_largest_key, margin, neg_entropy, nucleus_keep, order_keys
@@ -41,22 +41,34 @@ ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 128, alg: str = "origin",
              alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
              top_k: int | None = None, eps: float = 1e-3, mask_id: int | None = None) -> SamplerOutput:
-    """Dream sampler (see the module docstring); NFE = steps."""
+    """Dream sampler (see the module docstring); NFE = steps. top_p / top_k filter the token
+    distribution, which also sets the confidences at temperature 0; alg_temp (>= 0) samples the
+    revealed positions of the confidence algs (not 'origin')."""
     cfg = with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
     check_choice("alg", alg, ALGS)
-    if gen_length <= 0 or steps <= 0:
-        raise JaxgenError(f"gen_length={gen_length} and steps={steps} must be positive")
+    checks.check_positive(gen_length=gen_length, steps=steps)
     if not 0.0 < eps < 1.0:
         raise JaxgenError(f"eps={eps} must lie in (0, 1) (Dream uses 1e-3)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise JaxgenError(f"top_p={top_p} must lie in (0, 1]")
-    if top_k is not None and top_k <= 0:
-        raise JaxgenError(f"top_k={top_k} must be positive (or None for no top-k filter)")
+    checks.check_temperature(temperature)
+    checks.check_top_p(top_p)
+    checks.check_top_k(top_k, off=None)
+    if alg == "origin":
+        checks.check_not_given("with alg='origin', which reveals positions at random (alg_temp samples the "
+                               f"positions of {', '.join(ALGS[1:])})", alg_temp=alg_temp)
+    elif alg_temp is not None:
+        checks.check_temperature(alg_temp, "alg_temp")
     check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(alg_temp or 0.0),
-                     gen_length=gen_length, steps=steps, alg=alg, sample_positions=bool(alg_temp),
-                     top_p=top_p, top_k=top_k, eps=float(eps))
+                     *traced_filters(top_p, top_k), gen_length=gen_length, steps=steps, alg=alg,
+                     sample_positions=bool(alg_temp), eps=float(eps))
+
+
+def traced_filters(top_p, top_k):
+    """(top_p, top_k) as jit arguments: arrays (one compile for every value), None where the
+    filter is off (top_p None or >= 1, top_k None), which compiles without it."""
+    off = top_p is None or (checks.concrete(top_p) and float(top_p) >= 1.0)
+    return (None if off else jnp.float32(top_p)), (None if top_k is None else jnp.int32(top_k))
 
 
 def time_grid(steps: int, eps: float) -> np.ndarray:
@@ -77,13 +89,14 @@ def reveal_counts(num_masked: int, steps: int, eps: float) -> np.ndarray:
 
 
 def dream_filter(logits, top_p, top_k):
-    """Top-p then top-k (Dream's order); removed entries get the float32 minimum."""
+    """Top-p then top-k (Dream's order); removed entries get the float32 minimum. None turns a
+    filter off; top_p and top_k may be traced."""
     floor = jnp.finfo(jnp.float32).min
-    if top_p is not None and top_p < 1:  # keep the sorted entry j iff the mass strictly before it is <= top_p
-        logits = jnp.where(nucleus_keep(logits, top_p, inclusive=True), logits, floor)
+    if top_p is not None:  # keep the sorted entry j iff the mass strictly before it is <= top_p (all for >= 1)
+        logits = jnp.where((top_p >= 1) | nucleus_keep(logits, top_p, inclusive=True), logits, floor)
     if top_k is not None:
         keys = order_keys(logits)
-        logits = jnp.where(keys < kth_largest_key(keys, min(top_k, logits.shape[-1])), floor, logits)
+        logits = jnp.where(keys < kth_largest_key(keys, jnp.minimum(top_k, logits.shape[-1])), floor, logits)
     return logits
 
 
@@ -101,11 +114,9 @@ def score_tokens(logits, key, temperature, top_p, top_k, alg):
     return tok.astype(jnp.int32), conf
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "alg", "sample_positions", "top_p",
-                                             "top_k", "eps"))
-def _generate(params, cfg, prompt, key, temperature, alg_temp, *, gen_length, steps, alg, sample_positions, top_p,
-              top_k, eps):
-    params = unstack_layers(params)
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "alg", "sample_positions", "eps"))
+def _generate(params, cfg, prompt, key, temperature, alg_temp, top_p, top_k, *, gen_length, steps, alg,
+              sample_positions, eps):
     B, P = prompt.shape
     ts = jnp.asarray(time_grid(steps, eps))
     counts = jnp.asarray(reveal_counts(gen_length, steps, eps))

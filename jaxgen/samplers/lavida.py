@@ -27,9 +27,9 @@ import numpy as np
 from jaxgen import layouts
 from jaxgen.cache import init_cache, read
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward, is_decode_form
 from jaxgen.decoding.checks import check_choice, check_prompt, with_mask_id
-from jaxgen.decoding import loop, rules
+from jaxgen.decoding import checks, loop, rules
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding.propose import margin, neg_entropy
@@ -77,13 +77,18 @@ def transfer_schedule(n: int, steps: int, schedule=None, shift: float = 3.0) -> 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 64, steps: int = 64, block_length: int = 64,
              temperature: float = 0.0, remasking: str = "low_confidence", schedule: str | None = "shift",
-             shift: float = 3.0, mask_id: int | None = None) -> SamplerOutput:
-    """LaViDa sampler (see the module docstring); `steps` in total, split evenly over blocks."""
+             shift: float | None = None, mask_id: int | None = None) -> SamplerOutput:
+    """LaViDa sampler (see the module docstring); `steps` in total, split evenly over blocks.
+    shift: the "shift" schedule's (default 3.0)."""
     cfg = with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
     check_choice("remasking", remasking, REMASKING)
     check_choice("schedule", schedule, SCHEDULES)
     validate_blocks(gen_length, block_length, steps)
+    checks.check_temperature(temperature)
+    if schedule != "shift":
+        checks.check_not_given(f"with schedule={schedule!r} (it is the 'shift' schedule's parameter)", shift=shift)
+    shift = 3.0 if shift is None else shift
     if schedule == "shift" and not shift > 0:
         raise JaxgenError(f"shift={shift} must be positive (LaViDa uses 3)")
     check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
@@ -103,9 +108,8 @@ def score(logits, x0, key, remasking):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "counts", "gen_length", "block_length", "remasking"))
 def _generate(params, cfg, prompt, key, temperature, *, counts, gen_length, block_length, remasking):
-    params = unstack_layers(params)
     B, P = prompt.shape
-    cache = init_cache(cfg, B, P, per_layer=True)
+    cache = init_cache(cfg, B, P, per_layer=is_decode_form(params))
     _, cache = forward(params, cfg, prompt, layout=layouts.full(), cache=cache)  # prompt K/V, once
     positions = jnp.broadcast_to(P + jnp.arange(gen_length, dtype=jnp.int32), (B, gen_length))
     schedule = jnp.asarray(counts, jnp.int32)

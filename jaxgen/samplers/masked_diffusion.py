@@ -42,10 +42,14 @@ Caches (NVlabs/Fast-dLLM `llada/generate.py`), with the reference's stale-cache 
 Prefix and dual caches loop until the block is clean. NFE counts forwards (CFG's batched pass
 counts 1).
 
-Static shapes: the prefix and dKV modes unroll the blocks (num_blocks step programs in one
-compiled function), so each block's reduced steps feed exactly [block start, end of canvas):
-earlier tokens are all decoded before the previous step and attend only through their K/V
-(the prefix forward's, or dKV's stored ones, which dKV keeps for such tokens anyway).
+Static shapes: the prefix and dKV modes' reduced steps feed [block start, end of canvas), a
+window that shrinks block by block. jaxgen feeds one of at most `WINDOW_GROUPS` static windows
+[lo, end) with lo <= block start (so compile time is flat in the number of blocks): the columns
+before the block start are dead (no keys; dKV keeps their stored K/V, the prefix cache already
+holds them) and their outputs are dropped, so every live query sees exactly the reference's keys.
+Earlier tokens are all decoded before the previous step and attend only through their K/V (the
+prefix forward's, or dKV's stored ones, which dKV keeps for such tokens anyway). Cost: each
+reduced step feeds at most gen_length / WINDOW_GROUPS columns more than the reference.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ from jaxgen import layouts
 from jaxgen import cache as cache_lib
 from jaxgen.cache import read, write_at
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward, is_decode_form
 from jaxgen.decoding import dkv
 from jaxgen.samplers import learn2pd
 from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
@@ -75,38 +79,48 @@ CACHES = (None, "prefix", "dual", "dkv_decode", "dkv_greedy")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 128, block_length: int = 32,
-             temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
+             temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str | None = None,
              threshold: float | None = None, factor: float | None = None, cache: str | None = None,
              mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
-             cache_reloading_step: int = 4, window_size: int = 4, alg: str | None = None, alg_temp: float | None = None,
-             top_p: float | None = None, top_k: int | None = None, commit_filter=None,
-             filter_threshold: float = 0.5, eotp: bool = False, prompt_lengths=None) -> SamplerOutput:
-    """LLaDA / Fast-dLLM sampler (see the module docstring).
+             cache_reloading_step: int | None = None, window_size: int | None = None, alg: str | None = None,
+             alg_temp: float | None = None, top_p: float | None = None, top_k: int | None = None, commit_filter=None,
+             filter_threshold: float | None = None, eotp: bool = False, prompt_lengths=None) -> SamplerOutput:
+    """LLaDA / Fast-dLLM sampler (see the module docstring). An option that does not apply to the
+    chosen mode (None below means its default) is refused, never dropped.
+
+    remasking: "low_confidence" (default) or "random".
 
     eos_logit_inf: EOS is never proposed (LLaDA `logits_eos_inf`).
     confidence_eos_inf: a proposed EOS gets confidence 0, so it is committed only when nothing
       else is left (LLaDA `confidence_eos_eot_inf`, which masks the logit after the argmax).
-    cache_reloading_step: dKV-Cache's full refresh period (`cache="dkv_decode"|"dkv_greedy"`; 1 = no
-      caching).
-    window_size: dKV-Cache-Greedy's recomputed neighbours per scheduled token (the reference's
-      README example uses 4; 0 = none).
+    cache_reloading_step: dKV-Cache's full refresh period (`cache="dkv_decode"|"dkv_greedy"` only;
+      default 4, 1 = no caching).
+    window_size: dKV-Cache-Greedy's recomputed neighbours per scheduled token (`cache="dkv_greedy"`
+      only; default 4 as the reference's README example, 0 = none).
     alg, alg_temp, top_p, top_k: Dream decoding (`jaxgen.samplers.dream`): one block, shifted
-      logits, Dream's time grid; `steps` forwards.
-    commit_filter, filter_threshold: Learn2PD's filter params (`learn2pd.load_filter`) and tau.
+      logits, Dream's time grid; `steps` forwards. top_p, top_k and alg_temp need alg (LLaDA has
+      no token filter).
+    commit_filter, filter_threshold: Learn2PD's filter params (`learn2pd.load_filter`) and tau
+      (default 0.5).
     eotp: End-of-Text Prediction (needs cfg.eos_id).
     prompt_lengths: [B] ints for a right-padded ragged `prompt` (cache None or "dual"): each row's
       blocks start after its own prompt; under greedy decoding row i's first prompt_lengths[i] +
       gen_length tokens equal that row decoded alone, and the columns after them hold MASK.
     """
     if alg is not None:
-        from jaxgen.samplers import dream
-        if block_length != gen_length or cache is not None or threshold is not None or factor is not None or cfg_scale:
-            raise JaxgenError(f"alg={alg!r} selects Dream decoding: one block (block_length=gen_length), no cache, "
-                              "threshold, factor or cfg_scale")
-        return dream.generate(params, cfg, prompt, key, gen_length=gen_length, steps=steps, alg=alg,
-                              alg_temp=alg_temp, temperature=temperature, top_p=top_p, top_k=top_k, mask_id=mask_id)
+        return _dream_mode(params, cfg, prompt, key, gen_length=gen_length, steps=steps, block_length=block_length,
+                           temperature=temperature, mask_id=mask_id, alg=alg, alg_temp=alg_temp, top_p=top_p,
+                           top_k=top_k, cfg_scale=cfg_scale or None, remasking=remasking, threshold=threshold,
+                           factor=factor, cache=cache, cache_reloading_step=cache_reloading_step,
+                           window_size=window_size, commit_filter=commit_filter, filter_threshold=filter_threshold,
+                           eotp=eotp, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
+                           prompt_lengths=prompt_lengths)
+    checks.check_not_given("without alg= (LLaDA decoding has no token filter or position temperature; set alg to "
+                           "one of 'origin', 'maskgit_plus', 'topk_margin', 'entropy' for Dream decoding)",
+                           top_k=top_k, top_p=top_p, alg_temp=alg_temp)
     cfg = with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
+    remasking = "low_confidence" if remasking is None else remasking
     check_choice("remasking", remasking, REMASKING)
     check_choice("cache", cache, CACHES)
     validate_blocks(gen_length, block_length, steps)
@@ -117,12 +131,48 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
                           "its reduced steps feed a static window [block start, end of canvas); decode rows of "
                           "one length together instead")
     lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths)
+    rule = _check_llada_options(cfg, temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
+                                threshold=threshold, factor=factor, cache=cache, commit_filter=commit_filter,
+                                filter_threshold=filter_threshold, cache_reloading_step=cache_reloading_step,
+                                window_size=window_size, eotp=eotp, eos_logit_inf=eos_logit_inf,
+                                confidence_eos_inf=confidence_eos_inf)
+    filter_threshold = 0.5 if filter_threshold is None else filter_threshold
+    level = jnp.float32({"threshold": threshold, "factor": factor, "commit_filter": filter_threshold}.get(rule, 0.0))
+    reload_every = int(4 if cache_reloading_step is None else cache_reloading_step)
+    return _generate(params, cfg, prompt, lengths, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
+                     commit_filter, gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
+                     rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
+                     guided=cfg_scale > 0, reload_every=reload_every,
+                     window_size=int(4 if window_size is None else window_size), eotp=bool(eotp))
+
+
+def _dream_mode(params, cfg, prompt, key, *, gen_length, steps, block_length, temperature, mask_id, alg, alg_temp,
+                top_p, top_k, **llada_only):
+    """`alg=` given: Dream decoding (one block, no cache); LLaDA's options are refused."""
+    from jaxgen.samplers import dream
+    checks.check_not_given(f"with alg={alg!r}: it selects Dream decoding (one block, no cache, Dream's own reveal "
+                           "rule); drop alg for LLaDA / Fast-dLLM decoding", **llada_only)
+    if block_length != gen_length:
+        raise JaxgenError(f"alg={alg!r} selects Dream decoding: one block, so block_length={block_length} must equal "
+                          f"gen_length={gen_length}")
+    return dream.generate(params, cfg, prompt, key, gen_length=gen_length, steps=steps, alg=alg, alg_temp=alg_temp,
+                          temperature=temperature, top_p=top_p, top_k=top_k, mask_id=mask_id)
+
+
+def _check_llada_options(cfg, *, temperature, cfg_scale, remasking, threshold, factor, cache, commit_filter,
+                         filter_threshold, cache_reloading_step, window_size, eotp, eos_logit_inf, confidence_eos_inf):
+    """Refuse bad values and options that do not apply to the chosen rule and cache; the rule's name."""
+    checks.check_temperature(temperature)
+    checks.check_nonnegative(cfg_scale=cfg_scale)
     check_threshold(threshold)
     chosen = [name for name, v in (("threshold", threshold), ("factor", factor), ("commit_filter", commit_filter))
-             if v is not None]
+              if v is not None]
     if len(chosen) > 1:
         raise JaxgenError(f"{' and '.join(chosen)} are separate commit rules; pass one of them")
-    if commit_filter is not None:
+    if commit_filter is None:
+        checks.check_not_given("without commit_filter (it is the Learn2PD filter's tau)",
+                               filter_threshold=filter_threshold)
+    else:
         check_threshold(filter_threshold, "filter_threshold")
         if remasking != "low_confidence":
             raise JaxgenError(f"commit_filter reads softmax confidences: use remasking='low_confidence', "
@@ -132,11 +182,17 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
                               "steps (use None, 'prefix' or 'dual')")
     if eotp and cfg.eos_id is None:
         raise JaxgenError("eotp=True needs cfg.eos_id (the End-of-Text token)")
-    if factor is not None and not float(factor) > 0:
+    if factor is not None and checks.concrete(factor) and not float(factor) > 0:
         raise JaxgenError(f"factor={factor} must be positive (Fast-dLLM uses about 1)")
     if cache is not None and cfg_scale:
         raise JaxgenError(f"cfg_scale={cfg_scale} needs cache=None (Fast-dLLM caches have no guidance pass)")
-    if int(cache_reloading_step) < 1:
+    if cache not in ("dkv_decode", "dkv_greedy"):
+        checks.check_not_given(f"with cache={cache!r} (dKV-Cache's refresh period: cache='dkv_decode' or "
+                               "'dkv_greedy')", cache_reloading_step=cache_reloading_step)
+    if cache != "dkv_greedy":
+        checks.check_not_given(f"with cache={cache!r} (dKV-Cache-Greedy's recompute window: cache='dkv_greedy')",
+                               window_size=window_size)
+    if cache_reloading_step is not None and int(cache_reloading_step) < 1:
         raise JaxgenError(f"cache_reloading_step={cache_reloading_step} must be >= 1 (dKV-Cache uses 4 to 8)")
     if cache == "dkv_greedy":
         if remasking != "random":
@@ -144,17 +200,17 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
                               f"block), got remasking={remasking!r}")
         if threshold is not None or factor is not None:
             raise JaxgenError("cache='dkv_greedy' follows the fixed step schedule; drop threshold/factor")
-    if int(window_size) < 0:
+    if window_size is not None and int(window_size) < 0:
         raise JaxgenError(f"window_size={window_size} must be >= 0")
     if (eos_logit_inf or confidence_eos_inf) and cfg.eos_id is None:
         raise JaxgenError("eos_logit_inf / confidence_eos_inf need cfg.eos_id")
-    rule = chosen[0] if chosen else "schedule"
-    level = jnp.float32({"threshold": threshold, "factor": factor, "commit_filter": filter_threshold}.get(rule, 0.0))
-    return _generate(params, cfg, prompt, lengths, key, jnp.float32(temperature), jnp.float32(cfg_scale), level, commit_filter,
-                     gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
-                     rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
-                     guided=cfg_scale > 0, reload_every=int(cache_reloading_step),
-                     window_size=int(window_size), eotp=bool(eotp))
+    if eos_logit_inf:
+        checks.check_not_given("with eos_logit_inf=True (EOS is never proposed)", confidence_eos_inf=confidence_eos_inf,
+                               eotp=eotp)
+    if remasking == "random":
+        checks.check_not_given("with remasking='random' (confidences are random draws; eos_logit_inf=True keeps EOS "
+                               "out instead)", confidence_eos_inf=confidence_eos_inf)
+    return chosen[0] if chosen else "schedule"
 
 
 def validate_blocks(gen_length: int, block_length: int, steps: int):
@@ -242,20 +298,26 @@ def _refresh(ctx, gen_length, state):
     if ctx.cache is None:
         return guided_logits(ctx.params, ctx.cfg, state.tokens, ctx.lengths_B, ctx.cfg_scale, rows, valid), state.cache
     B = state.tokens.shape[0]
-    fresh = cache_lib.init_cache(ctx.cfg, B, ctx.total, per_layer=True)
+    fresh = cache_lib.init_cache(ctx.cfg, B, ctx.total, per_layer=is_decode_form(ctx.params))
     logits, kv = forward(ctx.params, ctx.cfg, state.tokens, layout=layouts.full(), cache=fresh, out_rows=rows,
                          kv_valid_BL=valid)
     kv = cache_lib.with_lengths(kv, ctx.lengths_B + gen_length)
     return logits, cache_lib.truncate(kv, _start_of(ctx, state)) if ctx.cache == "prefix" else kv
 
 
-def _later_step(ctx, gen_length, state, start):
-    """(block logits, cache) of a step after step 0; `start` is static in the unrolled modes."""
+def _later_step(ctx, gen_length, state, lo):
+    """(block logits, cache) of a step after step 0; `lo` is the static window's first column in
+    the static-window modes (columns before the block start are dead, see the module docstring)."""
     x, kv, bl, full = state.tokens, state.cache, ctx.block_length, layouts.full()
     if ctx.cache is None:
         return _refresh(ctx, gen_length, state)
+    if ctx.cache in STATIC_WINDOW:
+        start = _start_of(ctx, state)[0]  # one prompt length in these modes
+        live_BW = jnp.broadcast_to(jnp.arange(lo, ctx.total) >= start, (x.shape[0], ctx.total - lo))
     if ctx.cache == "prefix":
-        return forward(ctx.params, ctx.cfg, x[:, start:], layout=full, cache=read(kv), out_rows=(0, bl))[0], kv
+        positions = jnp.broadcast_to(jnp.arange(lo, ctx.total), live_BW.shape)
+        return forward(ctx.params, ctx.cfg, x[:, lo:], positions, full, read(kv), out_rows=(start - lo, bl),
+                       kv_valid_BL=live_BW)[0], kv
     if ctx.cache == "dual":
         start_B = _start_of(ctx, state)
         return forward(ctx.params, ctx.cfg, _block_of(ctx, x, start_B), start_B[:, None] + jnp.arange(bl), full,
@@ -265,18 +327,19 @@ def _later_step(ctx, gen_length, state, start):
         return forward(ctx.params, ctx.cfg, x, layout=full, cache=write_at(kv, 0), out_rows=(start, bl))
 
     def delayed(_):  # tokens unmasked before the previous step attend with their stored K/V
-        kept = state.carry["kept"][:, start:]
-        return forward(ctx.params, ctx.cfg, x[:, start:], layout=full, cache=write_at(kv, start, kept),
-                       out_rows=(0, bl))
+        kept = state.carry["kept"][:, lo:] | ~live_BW
+        return forward(ctx.params, ctx.cfg, x[:, lo:], layout=full, cache=write_at(kv, lo, kept),
+                       out_rows=(start - lo, bl))
 
     step = state.carry["step"]
     is_reload = (step % ctx.reload_every == 0) | ((step == 1) & (ctx.cache == "dkv_decode"))
     return jax.lax.cond(is_reload, reload, delayed, None)
 
 
-def _kept_after(ctx, state, x_after, take_BK, start):
+def _kept_after(ctx, state, x_after, take_BK):
     """Positions whose stored K/V the next step keeps (dKV modes)."""
     x_before, step, mask_id = state.tokens, state.carry["step"], ctx.cfg.mask_id
+    start = _start_of(ctx, state)[0]
     if ctx.cache != "dkv_greedy":
         return x_before != mask_id
     counts = num_transfer_tokens(ctx.block_length, ctx.per_block)
@@ -287,9 +350,9 @@ def _kept_after(ctx, state, x_after, take_BK, start):
     return ~recompute
 
 
-def _step_rules(ctx, gen_length, start=None):
-    """forward / propose / rule / update of one denoising step; `start` (static) for the unrolled
-    modes, else each row's block start."""
+def _step_rules(ctx, gen_length, lo=None):
+    """forward / propose / rule / update of one denoising step; `lo`: the static window's first
+    column (static-window modes)."""
     cfg = ctx.cfg
     schedule = jnp.asarray(num_transfer_tokens(ctx.block_length, ctx.per_block))
 
@@ -298,7 +361,7 @@ def _step_rules(ctx, gen_length, start=None):
             logits, kv = _refresh(ctx, gen_length, state)
         else:
             logits, kv = jax.lax.cond(state.carry["step"] == 0, lambda s: _refresh(ctx, gen_length, s),
-                                      lambda s: _later_step(ctx, gen_length, s, start), state)
+                                      lambda s: _later_step(ctx, gen_length, s, lo), state)
         return logits, kv, 1
 
     def propose(logits, state):
@@ -324,14 +387,15 @@ def _step_rules(ctx, gen_length, start=None):
             x_new = learn2pd.end_of_text_fill(x_new, ctx.lengths_B, cfg.eos_id, cfg.mask_id)
         carry = dict(state.carry, step=state.carry["step"] + 1)
         if ctx.cache in ("dkv_decode", "dkv_greedy"):
-            carry["kept"] = _kept_after(ctx, state, x_new, take, start)
+            carry["kept"] = _kept_after(ctx, state, x_new, take)
         return state.replace(tokens=x_new, cache=kv, carry=carry)
 
     return dict(forward=step_forward, propose=propose, rule=rule, update=update)
 
 
 def _block_carry(ctx, b, batch):
-    carry = dict(block=jnp.int32(b), step=jnp.int32(0))
+    """The recipe's fields at the start of block `b` (possibly traced)."""
+    carry = dict(block=jnp.asarray(b, jnp.int32), step=jnp.int32(0))
     if ctx.cache in ("dkv_decode", "dkv_greedy"):
         carry["kept"] = jnp.zeros((batch, ctx.total), bool)
     if ctx.cache == "dkv_greedy":
@@ -351,7 +415,7 @@ def _next_block(ctx, num_blocks, state):
                                       == ctx.cfg.mask_id) for c in range(num_blocks)])
         later = (jnp.arange(num_blocks) >= b) & has_mask
         b = jnp.where(jnp.any(later), jnp.argmax(later), num_blocks)
-    return state.replace(carry=dict(state.carry, block=b, step=jnp.int32(0)))
+    return state.replace(carry=_block_carry(ctx, b, state.tokens.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
@@ -362,22 +426,15 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, cfg_scale, level
               window_size, eotp):
     B, P = prompt.shape
     num_blocks = gen_length // block_length
-    ctx = _Ctx(unstack_layers(params), cfg, key, temperature, cfg_scale if guided else None, level, commit_filter,
+    ctx = _Ctx(params, cfg, key, temperature, cfg_scale if guided else None, level, commit_filter,
                lengths_B, P + gen_length, block_length, steps // num_blocks, remasking, rule, cache, eos_logit_inf,
                confidence_eos_inf, reload_every, window_size, eotp)
     fixed_steps = cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp
     bound = ctx.per_block if rule == "schedule" else block_length  # >= 1 commit per step
     col = jnp.arange(ctx.total)[None, :]
     x = jnp.where(col < lengths_B[:, None], jnp.pad(prompt, ((0, 0), (0, gen_length))), cfg.mask_id)
-    kv0 = None if cache is None else cache_lib.init_cache(cfg, B, ctx.total, per_layer=True)
+    kv0 = None if cache is None else cache_lib.init_cache(cfg, B, ctx.total, per_layer=is_decode_form(params))
     state = loop.new_state(x, kv0, carry=_block_carry(ctx, 0, B))
-    if cache in STATIC_WINDOW:  # the fed window [start, total) is static: one run per block, unrolled
-        for b in range(num_blocks):
-            active = ((lambda s: s.carry["step"] < bound) if fixed_steps else
-                      (lambda s: (s.carry["step"] < bound) & _block_unclean(ctx, s)))
-            recipe = loop.Recipe(**_step_rules(ctx, gen_length, P + b * block_length), active=active)
-            state = loop.run(recipe, state.replace(carry=_block_carry(ctx, b, B), step=jnp.int32(0)), bound)
-        return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)
 
     def after(state):
         finished = state.carry["step"] >= bound
@@ -385,6 +442,24 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, cfg_scale, level
             finished = finished | ~_block_unclean(ctx, state)
         return jax.lax.cond(finished, lambda s: _next_block(ctx, num_blocks, s), lambda s: s, state)
 
-    recipe = loop.Recipe(**_step_rules(ctx, gen_length), after=after, active=lambda s: s.carry["block"] < num_blocks)
-    state = loop.run(recipe, state, num_blocks * bound)
+    groups = window_groups(P, gen_length, block_length) if cache in STATIC_WINDOW else [(None, num_blocks)]
+    for lo, end_block in groups:  # one loop over the blocks of each static window
+        recipe = loop.Recipe(**_step_rules(ctx, gen_length, lo), after=after,
+                             active=lambda s, end=end_block: s.carry["block"] < end)
+        state = loop.run(recipe, state, num_blocks * bound)
     return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)
+
+
+WINDOW_GROUPS = 4  # static windows of the prefix / dKV modes (compiled step programs per call)
+
+
+def window_groups(prompt_len: int, gen_length: int, block_length: int) -> list[tuple[int, int]]:
+    """[(lo, end_block)]: blocks [previous end_block, end_block) feed the static window
+    [lo, end of canvas). At most WINDOW_GROUPS windows, each a whole number of blocks no shorter
+    than any of its blocks' [block start, end of canvas)."""
+    num_blocks = gen_length // block_length
+    groups = min(WINDOW_GROUPS, num_blocks)
+    # window j (largest first) spans ceil(num_blocks * (groups - j) / groups) blocks
+    spans = [-(-num_blocks * (groups - j) // groups) for j in range(groups)]
+    ends = spans[1:] + [0]
+    return [(prompt_len + (num_blocks - span) * block_length, num_blocks - end) for span, end in zip(spans, ends)]

@@ -33,58 +33,57 @@ import jax.numpy as jnp
 from jaxgen import cache as cache_lib
 from jaxgen import layouts
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward, is_decode_form
 from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
-from jaxgen.decoding import loop
+from jaxgen.decoding import checks, loop
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding import rules
-from jaxgen.samplers.dream import score_tokens
+from jaxgen.samplers.dream import score_tokens, traced_filters
 
 ALGS = ("origin", "confidence_threshold", "entropy", "topk_margin")
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: int = 32, num_small_blocks: int = 1,
-             alg: str = "origin", threshold: float = 0.9, temperature: float = 0.0, top_p: float | None = None,
-             top_k: int | None = None, mask_id: int | None = None, stop_at_eos: bool = False) -> SamplerOutput:
+             alg: str = "origin", threshold: float | None = None, temperature: float = 0.0,
+             top_p: float | None = None, top_k: int | None = None, mask_id: int | None = None,
+             stop_at_eos: bool = False) -> SamplerOutput:
     """NBDiff decoding (see the module docstring). The reference's demo: alg='entropy', top_p=0.8,
-    temperature=1.0, block_length=32, num_small_blocks=8."""
+    temperature=1.0, block_length=32, num_small_blocks=8. `threshold` (default 0.9) is the
+    `confidence_threshold` alg's."""
     cfg = with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
     check_choice("alg", alg, ALGS)
+    if alg != "confidence_threshold":
+        checks.check_not_given(f"with alg={alg!r} (only alg='confidence_threshold' commits above a threshold)",
+                               threshold=threshold)
+    threshold = 0.9 if threshold is None else threshold
     check_threshold(threshold)
-    if gen_length <= 0 or block_length <= 0 or num_small_blocks <= 0:
-        raise JaxgenError(f"gen_length={gen_length}, block_length={block_length} and "
-                          f"num_small_blocks={num_small_blocks} must be positive")
+    checks.check_positive(gen_length=gen_length, block_length=block_length, num_small_blocks=num_small_blocks)
     if gen_length % block_length:
         raise JaxgenError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
     if block_length % num_small_blocks:
         raise JaxgenError(f"block_length={block_length} is not divisible by num_small_blocks={num_small_blocks}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise JaxgenError(f"top_p={top_p} must lie in (0, 1]")
-    if top_k is not None and top_k <= 0:
-        raise JaxgenError(f"top_k={top_k} must be positive (or None)")
+    checks.check_temperature(temperature)
+    checks.check_top_p(top_p)
+    checks.check_top_k(top_k, off=None)
     if stop_at_eos and cfg.eos_id is None:
         raise JaxgenError("stop_at_eos=True needs cfg.eos_id")
-    if prompt.shape[1] == 0:
-        raise JaxgenError("NBDiff needs a non-empty prompt (its first token is predicted from the prompt)")
-    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
+    check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)  # as_prompt refused P = 0
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), jnp.float32(threshold),
-                     gen_length=gen_length, block_length=block_length, sub=block_length // num_small_blocks,
-                     alg=alg, top_p=top_p, top_k=top_k, stop_at_eos=stop_at_eos)
+                     *traced_filters(top_p, top_k), gen_length=gen_length, block_length=block_length,
+                     sub=block_length // num_small_blocks, alg=alg, stop_at_eos=stop_at_eos)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "sub", "alg", "top_p", "top_k",
-                                             "stop_at_eos"))
-def _generate(params, cfg, prompt, key, temperature, threshold, *, gen_length, block_length, sub, alg, top_p, top_k,
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "sub", "alg", "stop_at_eos"))
+def _generate(params, cfg, prompt, key, temperature, threshold, top_p, top_k, *, gen_length, block_length, sub, alg,
               stop_at_eos):
-    params = unstack_layers(params)
     B, P = prompt.shape
     total = P + gen_length
     num_blocks = gen_length // block_length
     subs = block_length // sub
     x = jnp.concatenate([prompt, jnp.full((B, gen_length), cfg.mask_id, jnp.int32)], axis=1)
-    cache = cache_lib.init_cache(cfg, B, total, per_layer=True)
+    cache = cache_lib.init_cache(cfg, B, total, per_layer=is_decode_form(params))
     logits, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
 
     def ar_token(logits_BV, k):

@@ -1,8 +1,13 @@
 """The sampler registry: name -> `generate`, and the scalar keyword options each `generate`
-takes, read from its signature (so the CLI's flags follow the samplers without a table)."""
+takes, read from its signature (so the CLI's flags follow the samplers without a table), also
+as a frozen options dataclass per sampler (`options_class`), as the objective registry has.
+
+A keyword alias (a second name a generate keeps for one option, e.g. ar's `max_new_tokens` for
+`gen_length`) is declared at registration and left out of the options: one flag per option."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import typing
@@ -15,6 +20,7 @@ SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 POSITIONAL = ("params", "cfg", "prompt", "key")  # every generate's leading arguments
 
 _REGISTRY: dict[str, Callable] = {}
+_ALIASES: dict[str, dict[str, str]] = {}  # sampler -> {alias keyword: the option it names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +33,17 @@ class Option:
     optional: bool
 
 
-def register(name: str, generate: Callable) -> None:
-    """Register `generate(params, cfg, prompt, key, **options)` under `name`."""
+def register(name: str, generate: Callable, aliases: dict[str, str] | None = None) -> None:
+    """Register `generate(params, cfg, prompt, key, **options)` under `name`; `aliases` maps
+    keywords that are second names of an option ({"max_new_tokens": "gen_length"}) to it."""
     if name in _REGISTRY and _REGISTRY[name] is not generate:
         raise ValueError(f"sampler {name!r} is already registered; pick another name")
+    keywords = inspect.signature(generate).parameters
+    for alias, target in (aliases or {}).items():
+        if alias not in keywords or target not in keywords:
+            raise ValueError(f"sampler {name!r}: alias {alias!r} -> {target!r} names a keyword generate lacks")
     _REGISTRY[name] = generate
+    _ALIASES[name] = dict(aliases or {})
 
 
 def get(name: str) -> Callable:
@@ -76,7 +88,8 @@ def options(name: str) -> dict[str, Option]:
     params = list(inspect.signature(get(name)).parameters.values())
     found = {}
     for param in params:
-        if param.name in POSITIONAL or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if (param.name in POSITIONAL or param.name in _ALIASES[name]
+                or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)):
             continue
         option = _option(param)
         if option is not None:
@@ -85,10 +98,58 @@ def options(name: str) -> dict[str, Option]:
 
 
 def accepts(name: str, keyword: str) -> bool:
-    """Whether sampler `name`'s generate takes `keyword` (scalar or not)."""
+    """Whether sampler `name`'s generate takes `keyword` (scalar or not, an alias included)."""
     return keyword in inspect.signature(get(name)).parameters
+
+
+def aliases(name: str) -> dict[str, str]:
+    """Sampler `name`'s keyword aliases: {alias: the option it names}."""
+    get(name)
+    return dict(_ALIASES[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """Base of the generated options classes: each field is a scalar option of one sampler's
+    generate with its default; values are type-checked (ints pass for floats; None only where the
+    option allows it)."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            option, value = field.metadata["option"], getattr(self, field.name)
+            if value is None and option.optional:
+                continue
+            if option.type is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, field.name, float(value))
+                continue
+            if not isinstance(value, option.type) or isinstance(value, bool) != (option.type is bool):
+                kind = option.type.__name__
+                raise ConfigError(f"{field.name}={value!r} must be {'an' if kind == 'int' else 'a'} {kind}"
+                                  + (" or None" if option.optional else "") + f" (default {option.default!r})")
+
+    def kwargs(self) -> dict:
+        """The options that differ from their defaults, as generate's keyword arguments (an option
+        left at its default is not passed, so generate can tell what was asked for)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+
+def options_class(name: str) -> type:
+    """A frozen dataclass of sampler `name`'s scalar options (fields and defaults from its generate
+    signature, aliases left out), e.g. `options_class("dream")(steps=8, alg="entropy").kwargs()`."""
+    return _options_class(name, get(name))
+
+
+@functools.cache
+def _options_class(name: str, generate: Callable) -> type:
+    del generate  # part of the cache key only: a name registered again gets a new class
+    fields = [(o.name, o.type | None if o.optional else o.type, dataclasses.field(default=o.default,
+                                                                               metadata={"option": o}))
+              for o in options(name).values()]
+    title = "".join(part.title() for part in name.split("_"))
+    return dataclasses.make_dataclass(f"{title}Options", fields, bases=(SamplerOptions,), frozen=True,
+                                      namespace={"__doc__": f"The scalar options of the {name!r} sampler."})
 
 
 for _name, _module in (("ar", ar), ("masked_diffusion", masked_diffusion), ("block_diffusion", block_diffusion),
                        ("dream", dream), ("lavida", lavida), ("nbdiff", nbdiff), ("wedlm", wedlm), ("tidar", tidar)):
-    register(_name, _module.generate)
+    register(_name, _module.generate, getattr(_module, "KEYWORD_ALIASES", None))

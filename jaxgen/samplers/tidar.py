@@ -41,25 +41,24 @@ import numpy as np
 
 from jaxgen import layouts
 from jaxgen.cache import init_cache, place_rows, truncate, write_at
-from jaxgen.decoding import loop
+from jaxgen.decoding import checks, loop
 from jaxgen.decoding.checks import check_prompt, with_mask_id
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward, is_decode_form
 
 
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, draft_length: int = 8,
              temperature: float = 0.0, mask_id: int | None = None) -> SamplerOutput:
     """TiDAR decoding of `gen_length` tokens after `prompt` [B, P] (see the module docstring)."""
     cfg = with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
     if gen_length <= 0:
         raise JaxgenError(f"gen_length={gen_length} must be positive")
     if not 2 <= draft_length:
         raise JaxgenError(f"draft_length={draft_length} must be >= 2 (1 is plain AR decoding)")
-    if float(temperature) < 0:
-        raise JaxgenError(f"temperature={temperature} must be >= 0")
+    checks.check_temperature(temperature)
     P = prompt.shape[1]
     check_prompt(prompt, cfg, P + gen_length, diffusion=True)
     return _generate(params, cfg, prompt, key, jnp.float32(temperature), gen_length=gen_length, k=draft_length,
@@ -117,7 +116,6 @@ class Drafts:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "k", "greedy"))
 def _generate(params, cfg, prompt, key, temperature, *, gen_length, k, greedy):
-    params = unstack_layers(params)
     B, P = prompt.shape
     total, L = P + gen_length, k + k * k
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
@@ -169,7 +167,7 @@ def _generate(params, cfg, prompt, key, temperature, *, gen_length, k, greedy):
 def _prefill(params, cfg, prompt, row_keys, pick, cache_len, gen_length, k, greedy):
     """The prompt causally plus one MASK block drafting positions P+1..P+k-1; the first token."""
     B, P = prompt.shape
-    cache = init_cache(cfg, B, cache_len, per_layer=True)
+    cache = init_cache(cfg, B, cache_len, per_layer=is_decode_form(params))
     chunk = jnp.concatenate([prompt, jnp.full((B, k), cfg.mask_id, jnp.int32)], axis=1)
     logits, cache = forward(params, cfg, chunk, layout=layouts.prefix(P, causal_prefix=True), cache=cache)
     keys = jax.vmap(lambda kk: jax.random.split(jax.random.fold_in(kk, 0)))(row_keys)

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jaxgen import layouts
 from jaxgen.cache import init_cache, place_rows, truncate, write_at
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, unstack_layers
-from jaxgen.decoding import loop
+from jaxgen.model import forward, is_decode_form
+from jaxgen.decoding import checks, loop
 from jaxgen.decoding.checks import check_prompt, with_mask_id
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
@@ -53,17 +53,19 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, window_size: in
              top_k: int = 0, top_p: float = 1.0, mask_id: int | None = None) -> SamplerOutput:
     """WeDLM streaming sliding-window decoding (see the module docstring); defaults follow the
     WeDLM engine (`wedlm_window_size=16`, entropy threshold 0.4, penalty 0.02). entropy_threshold
-    None fills one position per step (the argmin)."""
+    None fills one position per step (the argmin). top_k / top_p filter sampling (temperature > 0)
+    only."""
     cfg = with_mask_id(cfg, mask_id)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = checks.as_prompt(prompt)
     if gen_length <= 0 or window_size <= 0:
         raise JaxgenError(f"gen_length={gen_length} and window_size={window_size} must be positive")
-    if entropy_threshold is not None and not float(entropy_threshold) > 0:
+    if entropy_threshold is not None and checks.concrete(entropy_threshold) and not float(entropy_threshold) > 0:
         raise JaxgenError(f"entropy_threshold={entropy_threshold} must be > 0 (or None: one token per step)")
-    if float(pos_penalty) < 0 or float(temperature) < 0:
-        raise JaxgenError(f"pos_penalty={pos_penalty} and temperature={temperature} must be >= 0")
-    if not 0.0 < float(top_p) <= 1.0:
-        raise JaxgenError(f"top_p={top_p} must lie in (0, 1]")
+    checks.check_nonnegative(pos_penalty=pos_penalty)
+    checks.check_temperature(temperature)
+    checks.check_top_k(top_k)
+    checks.check_top_p(top_p)
+    checks.check_filters_need_sampling(temperature, top_k, top_p)
     check_prompt(prompt, cfg, prompt.shape[1] + gen_length, diffusion=True)
     thr = -jnp.inf if entropy_threshold is None else jnp.float32(entropy_threshold)
     return _generate(params, cfg, prompt, key, thr, jnp.float32(pos_penalty), jnp.float32(temperature),
@@ -91,7 +93,6 @@ def select_fill(entropy_W, is_mask_W, threshold, pos_penalty):
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "window", "greedy"))
 def _generate(params, cfg, prompt, key, threshold, pos_penalty, temperature, top_k, top_p, *, gen_length, window,
               greedy):
-    params = unstack_layers(params)
     B, P = prompt.shape
     total, W, F = P + gen_length, window, 2 * window  # F: window_size + at most window_size leading decoded
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
@@ -135,7 +136,7 @@ def _generate(params, cfg, prompt, key, threshold, pos_penalty, temperature, top
         done = ~jnp.any(tokens[:, P:total] == cfg.mask_id, axis=1)
         return state.replace(tokens=tokens, cache=truncate(cache, c), carry=c, done=done)
 
-    cache = init_cache(cfg, B, total + F, per_layer=True)
+    cache = init_cache(cfg, B, total + F, per_layer=is_decode_form(params))
     _, cache = forward(params, cfg, prompt, layout=layouts.causal(), cache=cache)
     canvas = jnp.full((B, total + F), cfg.mask_id, jnp.int32).at[:, :P].set(prompt)
     state = loop.new_state(canvas, cache, nfe=1, carry=jnp.full((B,), P, jnp.int32))

@@ -14,7 +14,7 @@ def test_train_sample_eval_convert(tmp_path, data_dir, capsys):
     args = ["train", "--preset", "tiny", "--objective", "block_diffusion", "--steps", "2", "--out", out,
             f"data_dir={data_dir}", "block_size=4", *TINY]
     assert cli.main(args) == 0
-    assert cli.main(args[:6] + ["4"] + args[7:]) == 0  # resumes from step 2 to 4
+    assert cli.main(args[:6] + ["4"] + args[7:] + ["--extend"]) == 0  # resumes from step 2 to 4
     assert "step 4" in capsys.readouterr().out
     assert cli.main(["sample", "--run", out, "--sampler", "block_diffusion", "--prompt", "def ", "--gen-length", "8",
                      "--block-length", "4"]) == 0
@@ -48,6 +48,11 @@ def test_train_sample_eval_convert(tmp_path, data_dir, capsys):
     (["sample", "--sampler", "tidar", "--threshold", "0.5"], "sampler 'tidar' takes no --threshold; its flags: "
                                                              "--gen-length, --draft-length"),
     (["sample", "--sampler", "ar", "--eotp"], "sampler 'ar' takes no --eotp"),
+    (["sample", "--sampler", "ar", "--cache", "dual"], "sampler 'ar' takes no --cache; its flags: --gen-length, "
+                                                       "--temperature, --top-k, --top-p, --eos-id, --stop-at-eos"),
+    (["sample", "--sampler", "nbdiff", "--steps", "4"], "sampler 'nbdiff' takes no --steps; its flags: "
+                                                        "--gen-length, --block-length, --num-small-blocks"),
+    (["sample", "--sampler", "ar", "--batch", "0"], "--batch=0 must be >= 1"),
     (["sample", "--sampler", "ar", "--filter", "/f"], "--filter needs a sampler that takes a commit filter"),
     (["sample", "--sampler", "wedlm", "--block-length", "4", "--window-size", "8"], "two flags set 'window_size'"),
     (["sample", "--sampler", "dream", "--top-k", "x"], "--top-k='x' is not an int"),
@@ -72,8 +77,8 @@ def kwargs_of(*argv):
 def test_sample_flags_follow_the_generate_signatures():
     """Flags map to each sampler's generate keywords (aliases for the names that differ), typed
     after the sampler; gen_length / block_length defaults and one token per step unless given."""
-    assert kwargs_of("--sampler", "ar") == {"max_new_tokens": 64}
-    assert kwargs_of("--sampler", "ar", "--gen-length", "4", "--top-p", "0.9") == {"max_new_tokens": 4, "top_p": 0.9}
+    assert kwargs_of("--sampler", "ar") == {"gen_length": 64}
+    assert kwargs_of("--sampler", "ar", "--gen-length", "4", "--top-p", "0.9") == {"gen_length": 4, "top_p": 0.9}
     assert kwargs_of("--sampler", "masked_diffusion", "--gen-length", "8", "--cache", "dkv_greedy", "--eotp") == {
         "gen_length": 8, "block_length": 16, "steps": 8, "cache": "dkv_greedy", "eotp": True}
     assert kwargs_of("--sampler", "block_diffusion", "--block-length", "4") == {
@@ -101,4 +106,32 @@ def test_sampler_registry_reads_scalar_keywords():
         assert samplers.accepts("toy", "table") and not samplers.accepts("toy", "nope")
     finally:
         samplers._REGISTRY.pop("toy", None)
-    assert samplers.options("ar")["max_new_tokens"] == samplers.Option("max_new_tokens", int, 128, False)
+    assert samplers.options("ar")["gen_length"] == samplers.Option("gen_length", int, None, True)
+    # ar's max_new_tokens is an alias of gen_length: accepted, but no option (no second flag) of its own
+    assert "max_new_tokens" not in samplers.options("ar") and samplers.accepts("ar", "max_new_tokens")
+    assert samplers.aliases("ar") == {"max_new_tokens": "gen_length"}
+
+
+def test_sampler_options_classes_follow_the_generate_signatures():
+    """registry.options_class(name): a frozen dataclass of the sampler's scalar options, as the
+    objective registry's options classes; values are type-checked, kwargs() passes what was set."""
+    import dataclasses
+
+    for name in samplers.names():
+        cls = samplers.options_class(name)
+        assert cls is samplers.options_class(name) and cls.__dataclass_params__.frozen
+        assert [f.name for f in dataclasses.fields(cls)] == list(samplers.options(name))
+        assert {f.name: f.default for f in dataclasses.fields(cls)} == {
+            n: o.default for n, o in samplers.options(name).items()}
+        assert cls().kwargs() == {}
+    dream = samplers.options_class("dream")(steps=8, alg="entropy", temperature=1)
+    assert dream.kwargs() == {"steps": 8, "alg": "entropy", "temperature": 1.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dream.steps = 4
+    with pytest.raises(ValueError, match="steps='8' must be an int"):
+        samplers.options_class("dream")(steps="8")
+    with pytest.raises(ValueError, match="eotp=1 must be a bool"):
+        samplers.options_class("masked_diffusion")(eotp=1)
+    assert samplers.options_class("nbdiff")(threshold=None).threshold is None  # optional: None allowed
+    with pytest.raises(ValueError, match="gen_length=None must be an int"):
+        samplers.options_class("tidar")(gen_length=None)

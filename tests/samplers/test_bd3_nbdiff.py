@@ -1,5 +1,6 @@
-"""BD3-LM sampling modes of `block_diffusion.generate`, and NBDiff decoding against an
-independent reference of YuchuanTian/NBDiff `diffusion_generate` on the float64 NumPy model."""
+"""BD3-LM sampling modes of `block_diffusion.generate` against a step-by-step reference that
+shares the sampler's random draws, and NBDiff decoding against an independent reference of
+YuchuanTian/NBDiff `diffusion_generate`, both on the float64 NumPy model."""
 import dataclasses
 
 import jax
@@ -23,24 +24,77 @@ def test_ddpm_one_step_commits_everything_like_static(tiny_cfg, tiny_params):
     assert int(a.nfe) == int(b.nfe)
 
 
-def test_first_hitting_one_token_per_step(tiny_cfg, tiny_params):
-    # prompt 5 = 1 whole block of 4 prefilled + 1 fixed token in the first decode block
-    out = block_diffusion.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(0), gen_length=11, block_length=4,
-                                   remasking="first_hitting", temperature=1.0, top_p=0.9)
-    toks = np.asarray(out.tokens)
-    assert not np.any(toks == tiny_cfg.mask_id)
-    # prefill 1 + block 1 (3 masks) + blocks 2, 3 (4 each) + 2 stores (the last block's is skipped)
-    assert int(out.nfe) == 1 + 3 + 4 + 4 + 2
-    again = block_diffusion.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(0), gen_length=11, block_length=4,
-                                     remasking="first_hitting", temperature=1.0, top_p=0.9)
-    np.testing.assert_array_equal(toks, np.asarray(again.tokens))
+def nucleus(logits, top_p):
+    """HF / SDAR top-p: keep the largest entries while the mass before each is < top_p."""
+    out = np.full_like(logits, -np.inf)
+    for idx in np.ndindex(logits.shape[:-1]):
+        row = logits[idx]
+        order = np.argsort(-row, kind="stable")
+        before = np.concatenate([[0.0], np.cumsum(softmax(row)[order])[:-1]])
+        keep = order[before < top_p]
+        out[idx + (keep,)] = row[keep]
+    return out
 
 
-def test_ddpm_bounded_by_steps(tiny_cfg, tiny_params):
-    out = block_diffusion.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(1), gen_length=8, block_length=4,
-                                   denoising_steps=3, remasking="ddpm")
-    assert not np.any(np.asarray(out.tokens) == tiny_cfg.mask_id)
-    assert int(out.nfe) <= 1 + 3 * 3 + 2
+def bd3_reference(params, cfg, prompt, key, gen_length, block, remasking, denoising_steps=None, temperature=0.0,
+                  top_k=0, top_p=1.0):
+    """BD3-LM's semi-AR sampler (spec 4.1) over whole-sequence block-causal recomputes (no
+    cache), with jaxgen's draws: the step `s` of absolute block `b` uses k = fold_in(fold_in(key,
+    b), s) for the tokens (Gumbel-max, argmax(log p + gumbel(k)), over T, top-k, top-p) and
+    fold_in(k, 1) for the positions (uniforms u): `first_hitting` reveals the masked position of
+    largest u (one per row and step, so `block` steps), `ddpm` each masked position with
+    u * (steps - s) < 1 (probability (t - s)/t = 1 / (steps - s)). Returns (tokens, NFE)."""
+    B, P = prompt.shape
+    n_blocks = -(-(P + gen_length) // block)
+    x = np.full((B, n_blocks * block), cfg.mask_id)
+    x[:, :P] = prompt
+    steps = denoising_steps
+    bound = block if remasking == "first_hitting" else steps
+    nfe = 1 if P // block else 0
+    for b in range(P // block, n_blocks):
+        s, e = b * block, (b + 1) * block
+        for step in range(bound):
+            masked = x[:, s:e] == cfg.mask_id
+            if not masked.any():
+                break
+            q, k = np.arange(e)[:, None], np.arange(e)[None, :]
+            logits, _ = np_llama.forward(params, cfg, x[:, :e], np.broadcast_to(np.arange(e), (B, e)),
+                                         mask_BLS=np.broadcast_to(k // block <= q // block, (B, e, e)))
+            logits = logits[:, s:e]
+            nfe += 1
+            k_tok = jax.random.fold_in(jax.random.fold_in(key, b), step)
+            if temperature > 0:
+                z = logits / temperature
+                if top_k:
+                    z = np.where(z < np.sort(z, -1)[..., -top_k:-top_k + 1], -np.inf, z)
+                z = nucleus(z, top_p) if top_p < 1 else z
+                tok = (z + np.asarray(jax.random.gumbel(k_tok, z.shape))).argmax(-1)
+            else:
+                tok = logits.argmax(-1)
+            u = np.asarray(jax.random.uniform(jax.random.fold_in(k_tok, 1), (B, block)))
+            if remasking == "first_hitting":
+                commit = np.zeros_like(masked)
+                for r in np.flatnonzero(masked.any(1)):
+                    commit[r, np.argmax(np.where(masked[r], u[r], -1.0))] = True
+            else:
+                commit = masked & (u * (steps - step) < 1.0)
+            x[:, s:e] = np.where(commit, tok, x[:, s:e])
+        nfe += b < n_blocks - 1  # the clean block's K/V write (never for the last block)
+    return x[:, :P + gen_length], nfe
+
+
+@pytest.mark.parametrize("gen_length,kw", [
+    (11, dict(remasking="first_hitting", temperature=1.0, top_p=0.9)),  # prompt 5: one fixed token in block 1
+    (8, dict(remasking="ddpm", denoising_steps=3)),
+    (8, dict(remasking="ddpm", denoising_steps=3, temperature=1.0, top_k=5)),
+], ids=["first_hitting", "ddpm", "ddpm-sampled"])
+def test_bd3_sampling_matches_reference_with_shared_draws(tiny_cfg, tiny_params, gen_length, kw):
+    ref, nfe = bd3_reference(tiny_params, tiny_cfg, PROMPT, jax.random.key(0), gen_length, 4, **kw)
+    out = block_diffusion.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(0), gen_length=gen_length,
+                                   block_length=4, **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert int(out.nfe) == nfe
+    assert not np.any(ref == tiny_cfg.mask_id)
 
 
 def nbdiff_reference(params, cfg, prompt, gen_length, block_length, num_small, alg, threshold):
@@ -92,7 +146,8 @@ def nbdiff_reference(params, cfg, prompt, gen_length, block_length, num_small, a
                                                      ("entropy", 2, 0.9), ("topk_margin", 1, 0.9)])
 def test_nbdiff_matches_reference(tiny_cfg, tiny_params, alg, num_small, threshold):
     out = nbdiff.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(0), gen_length=12, block_length=4,
-                          num_small_blocks=num_small, alg=alg, threshold=threshold)
+                          num_small_blocks=num_small, alg=alg,
+                          threshold=threshold if alg == "confidence_threshold" else None)  # others: refused
     nfes = []
     for r in range(len(PROMPT)):
         ref, nfe = nbdiff_reference(tiny_params, tiny_cfg, PROMPT[r], 12, 4, num_small, alg, threshold)

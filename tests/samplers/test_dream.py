@@ -68,14 +68,58 @@ def test_dream_reveal_counts_follow_the_time_grid():
     assert counts[0] == int(np.float32(12) * (np.float32(1) - ts[1] / ts[0]))
 
 
-def test_dream_origin_and_alg_temp_are_keyed_and_complete(tiny_cfg, tiny_params):
-    for kw in (dict(alg="origin"), dict(alg="origin", temperature=1.0, top_p=0.9),
-               dict(alg="entropy", alg_temp=0.5)):
-        a = dream.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(1), gen_length=8, steps=4, **kw).tokens
-        b = dream.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(1), gen_length=8, steps=4, **kw).tokens
-        np.testing.assert_array_equal(a, b)
-        assert (np.asarray(a) != tiny_cfg.mask_id).all()  # the last step reveals everything
-        np.testing.assert_array_equal(np.asarray(a)[:, :5], PROMPT)
+def dream_sampling_reference(params, cfg, prompt, key, gen_length, steps, alg, temperature=0.0, top_p=None,
+                             top_k=None, alg_temp=None, eps=1e-3):
+    """Dream's `_sample` with its random draws: step i splits fold_in(key, i) into (token key,
+    position key). Tokens: Categorical over the T-scaled, filtered distribution, drawn as the
+    Gumbel-max argmax(log p + g) with g = jax.random.gumbel(token key); `origin` reveals each
+    MASK iff its uniform (position key) < 1 - s/t (all at the last step); with alg_temp the
+    confidence algs reveal n positions drawn without replacement from softmax(conf / alg_temp)
+    over the MASKs (Gumbel top-n, g from the position key)."""
+    B, P = prompt.shape
+    T = P + gen_length
+    x = np.concatenate([prompt, np.full((B, gen_length), cfg.mask_id)], 1)
+    ts = np.linspace(1, eps, steps + 1).astype(np.float32)
+    for i in range(steps):
+        k_tok, k_pos = jax.random.split(jax.random.fold_in(key, i))
+        logits, _ = np_llama.forward(params, cfg, x, np.broadcast_to(np.arange(T), (B, T)))
+        logits = np.concatenate([logits[:, :1], logits[:, :-1]], 1)
+        if temperature > 0:
+            logits = logits / temperature
+        probs = softmax(filter_reference(logits, top_p, top_k))
+        if temperature > 0:
+            with np.errstate(divide="ignore"):
+                tok = (np.log(probs) + np.asarray(jax.random.gumbel(k_tok, probs.shape))).argmax(-1)
+        else:
+            tok = probs.argmax(-1)
+        masked = x == cfg.mask_id
+        if alg == "origin":
+            p_reveal = np.float32(1) - ts[i + 1] / ts[i] if i < steps - 1 else np.float32(1)
+            commit = masked & (np.asarray(jax.random.uniform(k_pos, x.shape)) < p_reveal)
+        else:
+            assert alg == "entropy"
+            conf = (probs * np.log(probs + 1e-10)).sum(-1)
+            m = np.float32(masked.sum() / B)
+            n = int(m * (np.float32(1) - ts[i + 1] / ts[i])) if i < steps - 1 else int(m)
+            z = np.where(masked, conf / alg_temp, -np.inf)
+            z = z - z.max(-1, keepdims=True)
+            with np.errstate(divide="ignore"):
+                z = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            score = np.where(masked, z + np.asarray(jax.random.gumbel(k_pos, x.shape)), -np.inf)
+            commit = np.zeros_like(masked)
+            for r in range(B):
+                commit[r, np.argsort(-score[r], kind="stable")[:n]] = True
+        x = np.where(commit, tok, x)
+    return x
+
+
+@pytest.mark.parametrize("kw", [dict(alg="origin"), dict(alg="origin", temperature=1.0, top_p=0.9),
+                                dict(alg="entropy", alg_temp=0.5)], ids=["origin", "origin-sampled", "alg_temp"])
+def test_dream_random_modes_match_reference_with_shared_draws(tiny_cfg, tiny_params, kw):
+    out = dream.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(1), gen_length=8, steps=4, **kw)
+    ref = dream_sampling_reference(tiny_params, tiny_cfg, PROMPT, jax.random.key(1), 8, 4, **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert (ref != tiny_cfg.mask_id).all()  # the last step reveals everything
 
 
 def test_dream_through_masked_diffusion_generate(tiny_cfg, tiny_params):

@@ -90,25 +90,46 @@ def test_ar_stop_at_eos(tiny_cfg, tiny_params, monkeypatch):
 
 
 # ---------------------------------------------------------------- LLaDA
-def llada_reference(params, cfg, prompt, gen_length, steps, block_length):
-    """ML-GSAI/LLaDA generate.py, greedy, low_confidence, written from the spec."""
+def llada_reference(params, cfg, prompt, gen_length, steps, block_length, key=None, temperature=0.0,
+                    remasking="low_confidence", cfg_scale=0.0):
+    """ML-GSAI/LLaDA generate.py, written from the spec, with jaxgen's draws: step n (counted
+    over all blocks) splits fold_in(key, n) into (token key, confidence key); tokens are
+    argmax(logits + T * gumbel), gumbel = -log(-log u), u = uniform(token key, [B, block, V],
+    1e-20, 1) (LLaDA's exp(l) / (-log u)^T); `random` remasking ranks by uniform(confidence key,
+    [B, block]), `low_confidence` by softmax(logits)[x0]; cfg_scale guides against prompt -> MASK
+    as uncond + (scale + 1)(cond - uncond)."""
     x = np.concatenate([prompt, np.full((len(prompt), gen_length), cfg.mask_id)], 1)
     P = prompt.shape[1]
     nb = gen_length // block_length
     spb = steps // nb
+    n = 0
     for b in range(nb):
         k = schedule(block_length, spb)
+        s, e = P + b * block_length, P + (b + 1) * block_length
         for i in range(spb):
-            logits = logits_of(params, cfg, x, layouts.full())
+            logits = np.asarray(model.forward(params, cfg, jnp.asarray(x), layout=layouts.full())[0], np.float64)
+            if cfg_scale:
+                uncond = np.where(np.arange(x.shape[1]) < P, cfg.mask_id, x)
+                un = np.asarray(model.forward(params, cfg, jnp.asarray(uncond), layout=layouts.full())[0], np.float64)
+                logits = un + (cfg_scale + 1) * (logits - un)
+            logits = logits[:, s:e]
+            logits[..., cfg.mask_id] = -np.inf
             x0 = logits.argmax(-1)
-            p = np.take_along_axis(softmax(logits), x0[..., None], -1)[..., 0]
-            p[:, P + (b + 1) * block_length:] = -np.inf
-            mask = x == cfg.mask_id
+            if key is not None:
+                k_tok, k_conf = jax.random.split(jax.random.fold_in(key, n))
+                if temperature > 0:
+                    u = np.asarray(jax.random.uniform(k_tok, logits.shape, jnp.float32, 1e-20, 1.0), np.float64)
+                    x0 = (logits + temperature * -np.log(-np.log(u))).argmax(-1)
+            if remasking == "random":
+                p = np.asarray(jax.random.uniform(k_conf, x0.shape), np.float64)
+            else:
+                p = np.take_along_axis(softmax(logits), x0[..., None], -1)[..., 0]
+            n += 1
+            mask = x[:, s:e] == cfg.mask_id
             conf = np.where(mask, p, -np.inf)
-            x0 = np.where(mask, x0, x)
             for r in range(len(x)):
                 idx = np.argsort(-conf[r], kind="stable")[: k[i]]
-                x[r, idx] = x0[r, idx]
+                x[r, s + idx] = x0[r, idx]
     return x
 
 
@@ -121,13 +142,13 @@ def test_llada_matches_reference(tiny_cfg, tiny_params, steps, block):
     assert int(out.nfe) == steps
 
 
-def test_llada_random_remasking_and_temperature(tiny_cfg, tiny_params):
-    for kw in (dict(remasking="random"), dict(temperature=1.0), dict(cfg_scale=1.5)):
-        out = masked_diffusion.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(5), gen_length=8, steps=8,
-                                        block_length=4, **kw)
-        toks = np.asarray(out.tokens)
-        assert (toks != tiny_cfg.mask_id).all()
-        np.testing.assert_array_equal(toks[:, :5], PROMPT)
+@pytest.mark.parametrize("kw", [dict(remasking="random"), dict(temperature=1.0), dict(cfg_scale=1.5)],
+                         ids=["random", "temperature", "cfg_scale"])
+def test_llada_random_remasking_temperature_and_guidance_match_reference(tiny_cfg, tiny_params, kw):
+    out = masked_diffusion.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(5), gen_length=8, steps=8,
+                                    block_length=4, **kw)
+    ref = llada_reference(tiny_params, tiny_cfg, PROMPT, 8, 8, 4, key=jax.random.key(5), **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
 
 
 # ---------------------------------------------------------------- SDAR
@@ -169,7 +190,8 @@ def sdar_reference(params, cfg, prompt, gen_length, block, steps, remasking, thr
 @pytest.mark.parametrize("prompt_len", [5, 8])  # 5: the prompt ends inside a block
 def test_sdar_matches_reference(tiny_cfg, tiny_params, remasking, prompt_len):
     prompt = np.concatenate([PROMPT, PROMPT], 1)[:, :prompt_len]
-    kw = dict(gen_length=10, block_length=4, denoising_steps=2, remasking=remasking, threshold=0.3)
+    kw = dict(gen_length=10, block_length=4, denoising_steps=2, remasking=remasking,
+              threshold=0.3 if remasking == "low_confidence_dynamic" else None)  # the other rules refuse one
     out = block_diffusion.generate(tiny_params, tiny_cfg, prompt, jax.random.key(0), **kw)
     ref, nfe = sdar_reference(tiny_params, tiny_cfg, prompt, 10, 4, 2, remasking, 0.3)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)

@@ -8,11 +8,13 @@ import numpy as np
 import optax
 import pytest
 
+import np_llama
 from jaxgen import cache as cache_lib
 from jaxgen import layouts, model
 from jaxgen.errors import JaxgenError
 from jaxgen.objectives import tidar as tidar_objective
 from jaxgen.samplers import ar, tidar
+from test_fast_dllm import softmax
 
 PROMPT = np.array([[256, 10, 20, 30, 40], [256, 50, 60, 70, 80]], np.int32)
 
@@ -110,12 +112,88 @@ def test_rejection_step_keeps_the_ar_distribution():
     np.testing.assert_allclose(freq, [0.4, 0.3, 0.1, 0.1, 0.05, 0.05], atol=0.01)
 
 
-def test_sampling_runs_and_is_keyed(tiny_cfg, tiny_params):
+def verify_draft_mask(n, k):
+    """Visibility over [n committed tokens | one step chunk of k + k*k rows] (spec 5.2): the
+    committed tokens are causal; the k verify rows [last, g_1..g_{k-1}] are causal after them;
+    block M_a (k MASKs) sees the committed tokens, verify rows 0..a and itself."""
+    L = n + k + k * k
+    m = np.tril(np.ones((L, L), bool))
+    for a in range(k):
+        rows = slice(n + k + a * k, n + k + (a + 1) * k)
+        m[rows] = False
+        m[rows, :n + a + 1] = True
+        m[rows, rows] = True
+    return m
+
+
+def tidar_reference(params, cfg, prompt_P, gen_length, k, temperature, row_key):
+    """One row of TiDAR sampling (spec 5.2), whole-sequence recomputes on the float64 model, with
+    jaxgen's draws: forward n (the prefill is 0) splits fold_in(row_key, n) into (verify key,
+    draft key); a categorical over probs p is drawn as argmax(log p + gumbel) (the drafts of
+    every block share one draft gumbel [k - 1, V]); draft g_j is accepted iff u_j * q(g_j) <
+    p_{j-1}(g_j) with u = uniform(verify key 0, [k - 1]), and the next token comes from
+    max(p_a - q_a, 0) (or p_a when every draft was accepted) with gumbel(verify key 1).
+    Returns (tokens, number of accepted drafts)."""
+    P, V = len(prompt_P), cfg.vocab_size
+    probs = lambda logits: softmax(logits / temperature)
+    draw = lambda p, g: int(np.argmax(np.log(p) + g)) if g.ndim == 1 else np.argmax(np.log(p) + g, -1)
+    gumbel = lambda key, shape: np.asarray(jax.random.gumbel(key, shape))
+    with np.errstate(divide="ignore"):
+        # prefill: the prompt causally, then k MASKs (positions P..P+k-1) seeing everything
+        toks = np.concatenate([prompt_P, np.full(k, cfg.mask_id)])
+        m = np.tril(np.ones((P + k, P + k), bool))
+        m[P:] = True
+        logits, _ = np_llama.forward(params, cfg, toks[None], np.arange(P + k)[None], mask_BLS=m[None])
+        k_last, k_draft = jax.random.split(jax.random.fold_in(row_key, 0))
+        seq = list(prompt_P) + [draw(probs(logits[0, P - 1]), gumbel(k_last, (V,)))]
+        q = probs(logits[0, P + 1:])
+        drafts = draw(q, gumbel(k_draft, (k - 1, V)))
+        accepted, step = 0, 0
+        while len(seq) < P + gen_length:
+            step += 1
+            n = len(seq) - 1  # committed; seq[n] is the last (AR) token
+            chunk = np.concatenate([[seq[n]], drafts, np.full(k * k, cfg.mask_id)])
+            pos = np.concatenate([np.arange(n), n + np.arange(k), n + np.repeat(np.arange(k), k) + 1
+                                  + np.tile(np.arange(k), k)])
+            logits, _ = np_llama.forward(params, cfg, np.concatenate([seq[:n], chunk])[None], pos[None],
+                                         mask_BLS=verify_draft_mask(n, k)[None])
+            logits = logits[0, n:]
+            k_verify, k_draft = jax.random.split(jax.random.fold_in(row_key, step))
+            k_accept, k_next = jax.random.split(k_verify)
+            p = probs(logits[:k])
+            u = np.asarray(jax.random.uniform(k_accept, (k - 1,)))
+            a = 0
+            while a < k - 1 and u[a] * q[a, drafts[a]] < p[a, drafts[a]]:
+                a += 1
+            if a < k - 1:
+                residual = np.maximum(p[a] - q[a], 0.0)
+                nxt = draw(residual / residual.sum(), gumbel(k_next, (V,)))
+            else:
+                nxt = draw(p[a], gumbel(k_next, (V,)))
+            seq += list(drafts[:a]) + [nxt]
+            accepted += a
+            block = logits[k + a * k + 1:k + (a + 1) * k]  # block M_a's rows 1..k-1
+            q = probs(block)
+            drafts = draw(q, gumbel(k_draft, (k - 1, V)))
+    return np.array(seq[:P + gen_length]), accepted
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_matches_reference_with_shared_draws(tiny_cfg, tiny_params, trained, temperature):
+    """On the random model (drafts are rejected: the residual draws) and on the trained one
+    (drafts are accepted), the tokens are the reference's, draw for draw."""
     cfg = dataclasses.replace(tiny_cfg, mask_id=259)
-    a = tidar.generate(tiny_params, cfg, PROMPT, jax.random.key(1), gen_length=8, draft_length=3, temperature=1.0)
-    b = tidar.generate(tiny_params, cfg, PROMPT, jax.random.key(1), gen_length=8, draft_length=3, temperature=1.0)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    assert np.all(np.asarray(a.tokens)[:, 5:] != 259)
+    key = jax.random.key(1)
+    accepted = {}
+    for name, params, prompt in (("random", tiny_params, PROMPT),
+                                 ("trained", trained[1], np.asarray(progressions(jax.random.key(5), 2, 5)))):
+        out = tidar.generate(params, cfg, prompt, key, gen_length=8, draft_length=3, temperature=temperature)
+        accepted[name] = 0
+        for r in range(len(prompt)):
+            ref, acc = tidar_reference(params, cfg, prompt[r], 8, 3, temperature, jax.random.fold_in(key, r))
+            np.testing.assert_array_equal(np.asarray(out.tokens[r]), ref, err_msg=name)
+            accepted[name] += acc
+    assert accepted["trained"] > 0  # the acceptance path ran
 
 
 def test_bad_input(tiny_cfg, tiny_params):

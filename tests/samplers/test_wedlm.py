@@ -21,8 +21,27 @@ def entropy(logits):
     return -np.sum(p[nz] * np.log(p[nz]))
 
 
-def wedlm_reference(params, cfg, prompt_P, gen_length, window, threshold, penalty):
-    """One row: (tokens, forwards including the final prune-only one and the prefill)."""
+def sample_reference(logits_V, gumbel_V, temperature, top_k, top_p):
+    """WeDLM's sampler order, top-k -> top-p (HF: keep the largest entries while the mass before
+    each is < top_p) -> temperature, then Categorical drawn as the Gumbel-max argmax(z + g)."""
+    z = logits_V.copy()
+    if top_k:
+        z[z < np.sort(z)[-top_k]] = -np.inf
+    if top_p < 1:
+        order = np.argsort(-z, kind="stable")
+        p = np.exp(z[order] - z.max())
+        before = np.concatenate([[0.0], np.cumsum(p / p.sum())[:-1]])
+        z[order[before >= top_p]] = -np.inf
+    return int(np.argmax(z / temperature + gumbel_V))
+
+
+def wedlm_reference(params, cfg, prompt_P, gen_length, window, threshold, penalty, key=None, temperature=0.0,
+                    top_k=0, top_p=1.0):
+    """One row: (tokens, forwards including the final prune-only one and the prefill). With
+    temperature > 0 the token of window slot i (counted from the window's start before the
+    prune) at forward n (the prefill is forward 0) takes row i of gumbel(fold_in(key, n),
+    [2 * window, V]) (one row per slot the window can span); `key` is this row's (jaxgen folds
+    the row index into the call's key)."""
     P = len(prompt_P)
     seq = list(prompt_P)  # committed tokens
     _, kv = np_llama.forward(params, cfg, prompt_P[None], np.arange(P)[None],
@@ -41,6 +60,7 @@ def wedlm_reference(params, cfg, prompt_P, gen_length, window, threshold, penalt
         past = [(k[None], v[None]) for k, v in cache]
         vis = np.concatenate([np.ones((n, c), bool), np.tril(np.ones((n, n), bool))], 1)[None]
         logits, fresh = np_llama.forward(params, cfg, toks, pos, past=past, mask_BLS=vis)
+        step_key = None if key is None else jax.random.fold_in(key, nfe)
         nfe += 1
         # prune the leading decoded tokens: their K/V (first `lead` rows) join the cache
         for j in range(lead):
@@ -57,8 +77,12 @@ def wedlm_reference(params, cfg, prompt_P, gen_length, window, threshold, penalt
         fill = list(np.flatnonzero(ent < threshold)) if threshold is not None else []
         if not fill:
             fill = [int(np.argmin(ent))]
+        if temperature > 0:
+            g = np.asarray(jax.random.gumbel(step_key, (2 * window, logits.shape[-1])))
+            draws = [sample_reference(mask_logits[j], g[lead + i], temperature, top_k, top_p)
+                     for j, i in enumerate(mask_idx)]
         for j in fill:
-            win[mask_idx[j]] = int(np.argmax(mask_logits[j]))
+            win[mask_idx[j]] = draws[j] if temperature > 0 else int(np.argmax(mask_logits[j]))
             flags[mask_idx[j]] = False
 
 
@@ -79,23 +103,32 @@ def test_wedlm_matches_reference(tiny_cfg, tiny_params, window, threshold, penal
 
 def test_one_token_per_step_near_left_is_ar(tiny_cfg, tiny_params):
     """Window 1, or a huge position penalty without threshold: one token per step, left to
-    right, each committed by the next forward (gen_length + prefill forwards)."""
+    right, each committed by the next forward (gen_length + prefill forwards), and the tokens
+    are the reference's window-1 decode."""
     cfg = dataclasses.replace(tiny_cfg, mask_id=259)
     a = wedlm.generate(tiny_params, cfg, PROMPT, jax.random.key(0), gen_length=6, window_size=1,
                        entropy_threshold=None)
     b = wedlm.generate(tiny_params, cfg, PROMPT, jax.random.key(0), gen_length=6, window_size=4,
                        entropy_threshold=None, pos_penalty=1e6)
     assert int(a.nfe) == 7 and int(b.nfe) == 7
+    for r in range(len(PROMPT)):
+        ref, _ = wedlm_reference(tiny_params, cfg, PROMPT[r], 6, 1, None, 0.0)
+        np.testing.assert_array_equal(np.asarray(a.tokens[r]), ref)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))  # same causal predictions
-    assert np.all(np.asarray(a.tokens) != 259) and np.all(np.asarray(b.tokens) != 259)
 
 
-def test_sampling_and_bad_input(tiny_cfg, tiny_params):
+def test_sampling_matches_reference_with_shared_draws(tiny_cfg, tiny_params):
     cfg = dataclasses.replace(tiny_cfg, mask_id=259)
-    a = wedlm.generate(tiny_params, cfg, PROMPT, jax.random.key(2), gen_length=8, temperature=0.7, top_k=5)
-    b = wedlm.generate(tiny_params, cfg, PROMPT, jax.random.key(2), gen_length=8, temperature=0.7, top_k=5)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    assert np.all(np.asarray(a.tokens) != 259)
+    key = jax.random.key(2)
+    out = wedlm.generate(tiny_params, cfg, PROMPT, key, gen_length=8, temperature=0.7, top_k=5, top_p=0.9)
+    for r in range(len(PROMPT)):
+        ref, _ = wedlm_reference(tiny_params, cfg, PROMPT[r], 8, 16, 0.4, 0.02, key=jax.random.fold_in(key, r),
+                                 temperature=0.7, top_k=5, top_p=0.9)
+        np.testing.assert_array_equal(np.asarray(out.tokens[r]), ref)
+
+
+def test_bad_input(tiny_cfg, tiny_params):
+    cfg = dataclasses.replace(tiny_cfg, mask_id=259)
     with pytest.raises(JaxgenError, match="window_size=0"):
         wedlm.generate(tiny_params, cfg, PROMPT, jax.random.key(0), gen_length=8, window_size=0)
     with pytest.raises(JaxgenError, match="entropy_threshold=-1"):
