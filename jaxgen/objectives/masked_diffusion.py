@@ -11,7 +11,9 @@ supervised once per pair; the copy's masking rate is 1 - t and its CE is weighte
 (our reading: the spec says the weighting follows `forward_process`). `prefix_lm=True` lets the
 prompt attend only to itself (`layouts.prefix(None)` with each row's prompt length; the prompt
 is each row's leading `prompt_mask` tokens), which `jaxgen.samplers.lavida` relies on to encode
-the prompt once.
+the prompt once. A batch without `prompt_mask` (a plain-text corpus) draws one per row
+(`random_prompt_mask`, LaViDaOptions.max_prompt_fraction): otherwise the prompt would be empty
+and "prefix-LM" training would be full attention.
 
 Dream (`shift=True`, objective "dream"): the output at position i - 1 predicts token i, as in the
 AR model Dream starts from and as `jaxgen.samplers.dream` reads it; position 0 is never noised.
@@ -28,7 +30,7 @@ from jaxgen import layouts
 from jaxgen.errors import JaxgenError
 from jaxgen.model import forward
 from jaxgen.objectives.common import corrupt, cross_entropy, loss_and_prompt_masks, sample_t
-from jaxgen.objectives.options import DiffusionOptions
+from jaxgen.objectives.options import DiffusionOptions, LaViDaOptions
 from jaxgen.objectives.registry import register
 
 
@@ -37,12 +39,21 @@ def prompt_lengths(prompt_BL):
     return jnp.sum(jnp.cumprod(prompt_BL.astype(jnp.int32), axis=1), axis=1)
 
 
+def random_prompt_mask(key, batch: int, length: int, max_prompt_fraction: float):
+    """[B, L] bool: each row's first n tokens, n uniform in 1 .. max(1, max_prompt_fraction * L)."""
+    longest = max(1, int(max_prompt_fraction * length))
+    n_B = jax.random.randint(key, (batch,), 1, longest + 1)
+    return jnp.arange(length)[None, :] < n_B[:, None]
+
+
 def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True, complementary: bool = False,
-         prefix_lm: bool = False, shift: bool = False):
+         prefix_lm: bool = False, shift: bool = False, max_prompt_fraction: float | None = None):
     if cfg.mask_id is None:
         raise JaxgenError("masked diffusion needs cfg.mask_id (the [MASK] token id)")
     tokens = batch["tokens"]
     B, L = tokens.shape
+    if prefix_lm and "prompt_mask" not in batch and max_prompt_fraction is not None:  # plain text: draw prompts
+        batch = dict(batch, prompt_mask=random_prompt_mask(jax.random.fold_in(key, 1), B, L, max_prompt_fraction))
     loss_mask, prompt = loss_and_prompt_masks(batch)
     k_t, k_mask = jax.random.split(key)
     t_B = sample_t(k_t, B, eps, antithetic)
@@ -76,4 +87,4 @@ def loss(params, cfg, batch, key, *, eps: float = 1e-3, antithetic: bool = True,
 
 register("masked_diffusion", loss, DiffusionOptions)
 register("dream", functools.partial(loss, shift=True), DiffusionOptions)
-register("lavida", functools.partial(loss, complementary=True, prefix_lm=True), DiffusionOptions)
+register("lavida", functools.partial(loss, complementary=True, prefix_lm=True), LaViDaOptions)

@@ -65,6 +65,24 @@ class DiffusionOptions(Options):
 
 
 @dataclasses.dataclass(frozen=True)
+class LaViDaOptions(DiffusionOptions):
+    """LaViDa (complementary masking, prefix-LM prompt). A batch without a `prompt_mask` (plain
+    text) gets one: each row's prompt is its first n tokens, n uniform in 1 .. max_prompt_fraction
+    * length, so prefix-LM training happens on any corpus."""
+
+    max_prompt_fraction: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.max_prompt_fraction < 1.0:
+            raise ConfigError(f"max_prompt_fraction={self.max_prompt_fraction} must be in (0, 1) (the longest "
+                              "random prompt, as a fraction of the row; e.g. 0.5)")
+
+    def loss_kwargs(self) -> dict:
+        return dict(super().loss_kwargs(), max_prompt_fraction=self.max_prompt_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockOptions(Options):
     """Block objectives: the block size, grown 1, 2, 4, ... block_size over `curriculum_steps`
     (NBDiff's curriculum from AR; 0 = no curriculum)."""
