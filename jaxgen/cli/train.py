@@ -16,6 +16,7 @@ def run_train(args):
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in fixed.items() if v is not None]
     model_cfg, train_cfg = objectives.apply_overrides(model_cfg, train_cfg, overrides)  # validated once, together
     if objectives.get(train_cfg.objective).trains == FILTER:
+        refuse_unread_by_filter_fit(args, overrides)
         m = filter_fit.train_filter(train_cfg, args.out, progress=train_cfg.progress)["metrics"]
         print(f"Learn2PD filter: BCE {m['first_bce']:.4f} -> {m['fit_bce']:.4f} (early-stopped at step "
               f"{m['best_step']}, held-out {m['val_bce']:.4f}, test {m['test_bce']:.4f}); test precision "
@@ -31,6 +32,23 @@ def run_train(args):
     print(f"step {last['step']}: loss {last['loss']:.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
           + f"; checkpoints and metrics.jsonl in {args.out}")
+
+
+FILTER_FIT_READS = {"objective", "steps", "seed", "seq_len", "batch_size", "lr", "weight_decay", "tokenizer",
+                    "dataset", "data_dir", "data_files", "max_files", "progress", "init_from"}
+
+
+def refuse_unread_by_filter_fit(args, overrides) -> None:
+    """The Learn2PD filter fit takes its model from init_from and reads only the fields above and
+    its options: refuse anything else rather than drop it."""
+    options = set(objectives.get("learn2pd").option_names())
+    unread = [f"--{flag}" for flag in ("fresh", "extend") if getattr(args, flag)]
+    unread += [key for key, _ in config.override_items(overrides)
+               if key.removeprefix("model.").removeprefix("train.") not in FILTER_FIT_READS | options]
+    if unread:
+        raise config.ConfigError(f"the Learn2PD filter fit does not read {', '.join(unread)}; it reads "
+                                 f"{', '.join(sorted(FILTER_FIT_READS - {'objective'}))} and its options "
+                                 f"({', '.join(sorted(options))}); the model comes from init_from")
 
 
 def run_eval(args):

@@ -12,7 +12,7 @@ import tempfile
 import numpy as np
 
 from jaxgen.config import ModelConfig
-from jaxgen.errors import HFFormatError, JaxgenError
+from jaxgen.errors import HFFormatError, JaxgenError, read_json
 from jaxgen.hf.config import config_from_hf, config_to_hf, family_of
 from jaxgen.hf.tensors import (_llada_tensor_name, _llama_tensor_name_to_llada, check_shapes, fuse_layer,
                                globals_from_hf, layer_from_hf, params_to_hf, stacked_from_hf)
@@ -31,7 +31,7 @@ class _Shards:
             raise HFFormatError(f"no *.safetensors files in {path}; convert .bin checkpoints to safetensors first")
         index = path / "model.safetensors.index.json"
         if index.exists():
-            needed = set(json.loads(index.read_text())["weight_map"].values())
+            needed = set(read_json(index, HFFormatError, "re-download the checkpoint")["weight_map"].values())
             missing = sorted(needed - {f.name for f in files})
             if missing:
                 raise HFFormatError(f"{path} is incomplete: shards {missing} named in the index are missing")
@@ -95,7 +95,7 @@ def load(path, dtype: str = "float32", form: str = "stacked") -> tuple[ModelConf
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise HFFormatError(f"{path} has no config.json; it is not a Hugging Face checkpoint")
-    hf = json.loads(cfg_file.read_text())
+    hf = read_json(cfg_file, HFFormatError, "fix or re-download the checkpoint's config.json")
     cfg = config_from_hf(hf, param_dtype=dtype)
     put = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
     with _Shards(path, llada=family_of(hf) == "llada") as shards:

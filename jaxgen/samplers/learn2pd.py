@@ -17,7 +17,6 @@ Decisions (the paper's code is not public; spec §6.1 is 2nd-hand):
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgen.decoding import rules
-from jaxgen.errors import JaxgenError
+from jaxgen.errors import JaxgenError, read_json
 
 
 def init_filter(block_length: int, key, hidden: int | None = None) -> dict:
@@ -66,7 +65,7 @@ def load_filter(out_dir) -> dict:
     if not (out / "filter.json").exists():
         raise JaxgenError(f"{out} holds no Learn2PD filter (filter.json); train one with "
                           "`jaxgen train --objective learn2pd init_from=RUN --out DIR`")
-    block = json.loads((out / "filter.json").read_text())["block_length"]
+    block = read_json(out / "filter.json", JaxgenError, "refit the filter")["block_length"]
     abstract = jax.eval_shape(lambda: init_filter(block, jax.random.key(0)))
     manager = ocp.CheckpointManager((out / "filter").absolute())
     try:

@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 
 import jax.numpy as jnp
 
-from jaxgen.errors import CheckpointError, JaxgenError
+from jaxgen.errors import CheckpointError, JaxgenError, read_json
 from jaxgen.training.runs import train_config_from_record
 
 # TrainConfig fields a resumed run may change: they steer logging, checkpoint cadence, placement and
@@ -49,7 +48,7 @@ def check_resume(out, tcfg, *, extend: bool = False) -> tuple[list, dict | None]
     steps = saved_steps(out / "checkpoints")
     if not steps or not (out / "run_config.json").exists():
         return [], None
-    record = json.loads((out / "run_config.json").read_text())
+    record = read_json(out / "run_config.json", CheckpointError, "fix it or start over with --fresh")
     previous, kept = train_config_from_record(record["train"]), list(record.get("extensions", []))
     diff = {f.name: (getattr(previous, f.name), getattr(tcfg, f.name)) for f in dataclasses.fields(tcfg)
             if f.name not in RESUME_FREE and getattr(previous, f.name) != getattr(tcfg, f.name)}

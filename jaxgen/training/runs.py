@@ -10,7 +10,7 @@ import jax
 
 from jaxgen import config as config_lib
 from jaxgen import parallel
-from jaxgen.errors import CheckpointError
+from jaxgen.errors import CheckpointError, read_json
 from jaxgen.objectives.settings import migrate_legacy
 from jaxgen.training.checkpoint import Checkpointer
 from jaxgen.training.state import init_state, make_optimizer, state_from_params, state_shardings
@@ -37,7 +37,7 @@ def write_run_config(out: pathlib.Path, cfg, tcfg, extensions=()) -> None:
     path = out / "run_config.json"
     record = dict(run_record(cfg, tcfg), **({"extensions": list(extensions)} if extensions else {}))
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json(path, CheckpointError, "fix it or start over with --fresh")
         before = dataclasses.asdict(config_lib.model_config_from_dict(previous["model"]))  # fields added since
         if before != record["model"]:                                                     # take their defaults
             diff = {k: (before.get(k), v) for k, v in record["model"].items() if before.get(k) != v}
@@ -58,7 +58,7 @@ def load_run(out_dir, mesh=None, rules: str | None = None):
     record_path = out / "run_config.json"
     if not record_path.exists():
         raise CheckpointError(f"{out} has no run_config.json; pass the --out folder of a jaxgen train run")
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path, CheckpointError, "the run folder is damaged")
     cfg = config_lib.model_config_from_dict(record["model"])
     tcfg = train_config_from_record(record["train"])
     ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)

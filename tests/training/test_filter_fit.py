@@ -10,6 +10,7 @@ import pytest
 import np_llama
 from helpers import TINY_RUN
 from jaxgen import cli
+from jaxgen.cli.train import FILTER_FIT_READS
 from jaxgen.errors import JaxgenError
 from jaxgen.samplers import learn2pd, masked_diffusion
 from jaxgen.training import filter_fit, runs
@@ -74,7 +75,8 @@ def test_train_filter_from_the_cli(tmp_path, data_dir, capsys):
     # 8 rollouts in two equal batches of 4 rows: one compiled reference decode and oracle (the shapes
     # and fitting steps of tests/test_dlm_frontier.py's filter, which reuses their compilations)
     assert cli.main(["train", "--objective", "learn2pd", "--steps", "1000", "--out", str(out), f"init_from={base}",
-                     "filter_gen_length=8", "filter_block_length=8", "filter_rollouts=8", "lr=0.01"] + small) == 0
+                     "filter_gen_length=8", "filter_block_length=8", "filter_rollouts=8", "lr=0.01"]
+                    + [o for o in small if o.split("=")[0] in FILTER_FIT_READS]) == 0
     record = json.loads((out / "filter.json").read_text())
     m = record["metrics"]
     assert record["block_length"] == 8 and m["fit_bce"] < m["first_bce"] and 0 <= m["test_precision"] <= 1
@@ -91,6 +93,10 @@ def test_train_filter_from_the_cli(tmp_path, data_dir, capsys):
     assert "nfe=" in capsys.readouterr().out
     with pytest.raises(JaxgenError, match="no Learn2PD filter"):
         learn2pd.load_filter(base)
+    capsys.readouterr()
+    assert cli.main(["train", "--objective", "learn2pd", "--out", str(out), f"init_from={base}", "hidden_size=32",
+                     "eval_batches=1"]) != 0  # the model is init_from's: model keys are refused, not dropped
+    assert "does not read hidden_size, eval_batches" in capsys.readouterr().err
 
 
 def test_fit_filter_stops_early_on_the_held_out_rollouts():
