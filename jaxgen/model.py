@@ -292,11 +292,29 @@ def num_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _first_out_of_vocab(tokens, vocab_size):
+    """(whether any id lies outside [0, vocab_size), the first such id) of a token array."""
+    bad = ((tokens < 0) | (tokens >= vocab_size)).ravel()
+    return bad.any(), tokens.ravel()[jnp.argmax(bad)]
+
+
 def check_tokens(tokens, cfg, name: str = "tokens"):
     """Raise if a concrete token array holds ids outside [0, vocab) (no-op on tracers)."""
     if isinstance(tokens, jax.core.Tracer):
         return
     import numpy as np
+    if isinstance(tokens, jax.Array) and len(tokens.sharding.device_set) > 1:
+        # sharded (over several hosts, maybe): checked where it lives, never copied to the host
+        if tokens.ndim != 2:
+            raise JaxgenError(f"{name} must be a [batch, length] array of token ids, got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise JaxgenError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+        any_bad, bad = _first_out_of_vocab(tokens, cfg.vocab_size)  # replicated scalars: every host reads them
+        if bool(any_bad):
+            raise JaxgenError(f"{name} holds token id {int(bad)} outside the vocabulary [0, {cfg.vocab_size}); "
+                              "re-tokenize with this model's tokenizer")
+        return
     arr = np.asarray(tokens)
     if arr.ndim != 2:
         raise JaxgenError(f"{name} must be a [batch, length] array of token ids, got shape {arr.shape}")

@@ -4,10 +4,16 @@ A mesh has the axes ("data", "fsdp", "tensor"), given as a string such as
 "data=2,fsdp=2,tensor=2" (missing axes have size 1; "" puts every device on "data").
 Rules map each logical axis name (see `model.param_axes`) to mesh axes; a dimension that does
 not divide, or two dimensions of one array on the same mesh axis, fail early with a message.
+
+Multi-host (one process per host, `initialize_distributed`): every process runs the same
+program on the same host-global numpy data; `put_batch` / `put_global` copy into each process
+only the shards it owns, `to_host` gathers a global array back, and files (run config, metrics)
+are written by the main process (`is_main`) alone, ordered by `barrier`.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -102,15 +108,55 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def put_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """Place a host-global numpy batch; each process only copies the shards it owns."""
-    def put(x):
+def put_global(tree, shardings):
+    """Place a pytree of host-global arrays (numpy, or local jax arrays equal on every process) at
+    `shardings` (one sharding, or a matching tree); each process only copies the shards it owns."""
+    def put(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-    return {k: put(v) for k, v in batch.items()}
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: put(x, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
+
+
+def put_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Place a host-global numpy batch; each process only copies the shards it owns."""
+    return put_global(dict(batch), sharding)
+
+
+def to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-host) array as numpy on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def is_main() -> bool:
+    """True in the process that writes files and prints (process 0; always true on one host)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches `name` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def initialize_distributed(enabled: bool, **kwargs) -> None:
-    """Multi-host runs: `jax.distributed.initialize()` (coordinator from the environment)."""
-    if enabled:
-        jax.distributed.initialize(**kwargs)
+    """Multi-host runs: `jax.distributed.initialize()`, once per process (a second call is a no-op).
+
+    The coordinator comes from the environment: a cluster jax detects (SLURM, Open MPI, Cloud TPU,
+    Kubernetes), or JAX_COORDINATOR_ADDRESS=host:port with JAXGEN_NUM_PROCESSES and
+    JAXGEN_PROCESS_ID (e.g. several processes on one machine); `kwargs` override them.
+    """
+    if not enabled or jax.distributed.is_initialized():
+        return
+    for key, env in (("num_processes", "JAXGEN_NUM_PROCESSES"), ("process_id", "JAXGEN_PROCESS_ID")):
+        if key not in kwargs and os.environ.get(env):
+            value = os.environ[env]
+            if not value.isdigit():
+                raise ShardingError(f"{env}={value!r} must be a non-negative integer")
+            kwargs[key] = int(value)
+    jax.distributed.initialize(**kwargs)

@@ -28,6 +28,8 @@ def run_train(args):
     explicit = {key.removeprefix("model.") for key, _ in config.override_items(overrides)} & set(vocab.VOCAB_FIELDS)
     model_cfg = vocab.model_for_tokenizer(model_cfg, train_cfg, tokenizer, explicit)  # vocab and ids follow it
     result = loop.train(model_cfg, train_cfg, args.out, tokenizer=tokenizer, fresh=args.fresh, extend=args.extend)
+    if not parallel.is_main():  # process 0 wrote metrics.jsonl and reports
+        return
     last = loop.read_metrics(result["metrics_path"])[-1]
     print(f"step {last['step']}: loss {last['loss']:.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")

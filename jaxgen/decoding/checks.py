@@ -54,10 +54,13 @@ def check_prompt(prompt, cfg, total_len: int, *, diffusion: bool, prompt_lengths
                               "(set mask_id in the config or pass mask_id=...)")
         if isinstance(prompt, jax.core.Tracer):
             return
-        arr = np.asarray(prompt)
-        real = np.ones(arr.shape, bool) if prompt_lengths is None else (
-            np.arange(arr.shape[1])[None, :] < np.asarray(prompt_lengths)[:, None])
-        if np.any((arr == cfg.mask_id) & real):
+        real = np.ones(np.shape(prompt), bool) if prompt_lengths is None else (
+            np.arange(np.shape(prompt)[1])[None, :] < np.asarray(prompt_lengths)[:, None])
+        if isinstance(prompt, jax.Array) and len(prompt.sharding.device_set) > 1:  # sharded: no host copy
+            has_mask = bool(jax.jit(lambda p: jnp.any((p == cfg.mask_id) & real))(prompt))
+        else:
+            has_mask = np.any((np.asarray(prompt) == cfg.mask_id) & real)
+        if has_mask:
             raise JaxgenError(f"the prompt contains the mask token id {cfg.mask_id}; prompts must be clean tokens")
 
 

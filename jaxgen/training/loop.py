@@ -150,7 +150,7 @@ def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh):
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         return ckpt.restore(latest, abstract)
     if tcfg.init_from:
-        params = params_from_run(cfg, tcfg.init_from)
+        params = params_from_run(cfg, tcfg.init_from, mesh=mesh, rules=tcfg.rules)
         start = _shared(("from_params", cfg, _init_key(tcfg), mesh),
                         lambda: jax.jit(lambda p: state_from_params(p, optimizer, None), out_shardings=shardings))
         return start(params)

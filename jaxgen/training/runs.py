@@ -77,10 +77,10 @@ def load_run(out_dir, mesh=None, rules: str | None = None):
     return cfg, tcfg, state.params
 
 
-def params_from_run(cfg, run_dir):
+def params_from_run(cfg, run_dir, mesh=None, rules: str | None = None):
     """The latest params of another run (e.g. AR weights adapted to diffusion), whose model config
-    must equal `cfg`."""
-    src_cfg, _, params = load_run(run_dir)
+    must equal `cfg`; with a `mesh`, restored straight into `rules`' shardings (multi-host)."""
+    src_cfg, _, params = load_run(run_dir, mesh=mesh, rules=rules)
     if src_cfg != cfg:
         diff = {k: (getattr(src_cfg, k), getattr(cfg, k)) for k in dataclasses.asdict(cfg)
                 if getattr(src_cfg, k) != getattr(cfg, k)}
