@@ -16,7 +16,7 @@ import pathlib
 import jax
 import numpy as np
 
-from jaxgen import data, hf, parallel
+from jaxgen import data, hf, model, parallel
 from jaxgen.errors import ConfigError, JaxgenError, ShardingError
 from jaxgen.samplers import learn2pd
 from jaxgen.samplers import registry as samplers
@@ -144,13 +144,15 @@ def sampler_kwargs(args) -> dict:
 
 def load_model(args, mesh=None):
     """(cfg, params, tokenizer name, rules) from --run or --hf; with a mesh, params sharded by the
-    rules (--rules, else the run's, else fsdp)."""
+    rules (--rules, else the run's, else fsdp) and stacked (the samplers scan over layers); on one
+    device, in the decode form (`model.decode_params`: the fastest per step)."""
     if bool(args.run) == bool(args.hf):
         raise JaxgenError("pass exactly one of --run OUT (a jaxgen train folder) or --hf DIR (a HF checkpoint)")
     if args.run:
         cfg, tcfg, params = runs.load_run(args.run, mesh=mesh, rules=args.rules)
+        params = params if mesh is not None else jax.jit(model.decode_params)(params)
         return cfg, params, tcfg.tokenizer, args.rules or tcfg.rules
-    cfg, params = hf.load(args.hf)
+    cfg, params = hf.load(args.hf, form="stacked" if mesh is not None else "decode")
     rules = args.rules or "fsdp"
     if mesh is not None:
         params = parallel.put_global(params, parallel.param_shardings(cfg, mesh, rules))
