@@ -118,6 +118,20 @@ def test_known_maps_by_hand():
     np.testing.assert_array_equal(layouts.causal().block_map(8, 8, 4, 4), [[1, 0], [2, 1]])
     np.testing.assert_array_equal(layouts.full().block_map(6, 6, 4, 4), [[2, 1], [1, 1]])  # ragged tiles
     np.testing.assert_array_equal(layouts.prefix(4).block_map(8, 8, 4, 4), [[2, 0], [2, 2]])
+    # 6 queries in tiles of 4: the second tile holds 2 real rows and 2 of padding, so it is never full
+    np.testing.assert_array_equal(layouts.block_causal(2).block_map(6, 6, 4, 2), [[2, 1, 0], [1, 1, 1]])
+    # two streams of n = 4 in blocks of 2, tiles of 2 (one block each): rows and columns are
+    # [noisy/MASK block 0, block 1 | clean block 0, block 1] for dual_stream, [clean | MASK] for ar_diffusion
+    np.testing.assert_array_equal(layouts.dual_stream(2).block_map(8, 8, 2, 2, 8), [
+        [2, 0, 0, 0],  # x_t block 0: itself
+        [0, 2, 2, 0],  # x_t block 1: itself and clean block 0
+        [0, 0, 2, 0],  # x_0 block 0: itself
+        [0, 0, 2, 2]])  # x_0 block 1: clean blocks 0 and 1
+    np.testing.assert_array_equal(layouts.ar_diffusion(2).block_map(8, 8, 2, 2, 8), [
+        [1, 0, 0, 0],  # clean tokens 0, 1: causal (a lower triangle)
+        [2, 1, 0, 0],  # clean tokens 2, 3
+        [0, 0, 2, 0],  # MASK block 0: nothing clean before it, itself
+        [2, 0, 0, 2]])  # MASK block 1: clean block 0, itself
 
 
 def test_dual_stream_union_of_two_ranges_covers_a_tile():

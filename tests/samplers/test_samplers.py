@@ -1,23 +1,34 @@
-"""Samplers against independent step-by-step references written from the specs (no cache, no jit)."""
+"""Samplers against independent step-by-step references written from the specs (no cache, no jit),
+on the float64 NumPy model (`helpers.np_logits`) with hand-built masks."""
 import contextlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen import layouts, model
+from helpers import np_logits
+from jaxgen import model
 from jaxgen.errors import JaxgenError
 from jaxgen.samplers import ar, block_diffusion, masked_diffusion
 
 PROMPT = np.array([[256, 10, 20, 30, 40], [256, 50, 60, 70, 80]], np.int32)
 
 
-def logits_of(params, cfg, x, layout):
-    out, _ = model.forward(params, cfg, jnp.asarray(x), layout=layout)
-    out = np.asarray(out, np.float64)
+def logits_of(params, cfg, x, mask):
+    """float64 logits of the independent NumPy model (`helpers.np_logits`) under `mask` ("causal",
+    an [L, L] boolean array, or None for full attention), the mask token at -inf."""
+    if isinstance(mask, str):
+        mask = np.tril(np.ones((x.shape[1], x.shape[1]), bool))
+    out = np_logits(params, cfg, x, mask_LL=mask)
     out[..., cfg.mask_id] = -np.inf
     return out
+
+
+def block_causal_mask(length, block):
+    q, k = np.arange(length)[:, None], np.arange(length)[None, :]
+    return k // block <= q // block
 
 
 def softmax(z):
@@ -37,7 +48,7 @@ def test_ar_greedy_equals_recompute(tiny_cfg, tiny_params):
     out = ar.generate(tiny_params, tiny_cfg, PROMPT, jax.random.key(0), max_new_tokens=12)
     x = PROMPT.copy()
     for _ in range(12):
-        nxt = logits_of(tiny_params, tiny_cfg, x, layouts.causal())[:, -1].argmax(-1)
+        nxt = logits_of(tiny_params, tiny_cfg, x, "causal")[:, -1].argmax(-1)
         x = np.concatenate([x, nxt[:, None]], 1)
     np.testing.assert_array_equal(np.asarray(out.tokens), x)
     assert int(out.nfe) == 12
@@ -53,7 +64,7 @@ def test_ar_sampling_is_keyed_and_filtered(tiny_cfg, tiny_params):
     # every sampled token is within the top 3 of its step's distribution
     x = np.asarray(a)
     for t in range(PROMPT.shape[1], x.shape[1]):
-        lg = logits_of(tiny_params, tiny_cfg, x[:, :t], layouts.causal())[:, -1]
+        lg = logits_of(tiny_params, tiny_cfg, x[:, :t], "causal")[:, -1]
         top3 = np.argsort(-lg, -1)[:, :3]
         assert all(x[r, t] in top3[r] for r in range(2))
     # top_p tiny -> greedy
@@ -64,16 +75,24 @@ def test_ar_sampling_is_keyed_and_filtered(tiny_cfg, tiny_params):
 
 
 @contextlib.contextmanager
-def favour_token(monkeypatch, token_id):
-    """Make the model put +1e4 on one token's logit everywhere (compiled samplers are rebuilt)."""
+def favour_token(monkeypatch, token_id, bias=1e4, then=None):
+    """Make the model put +bias on one token's logit everywhere (and +bias / 10 on token `then`,
+    if given); compiled samplers are rebuilt."""
     original = model.forward
 
     def biased(*args, **kwargs):
         out, c = original(*args, **kwargs)
-        return (out if kwargs.get("return_hidden") else out.at[..., token_id].add(1e4)), c
+        if not kwargs.get("return_hidden"):
+            out = out.at[..., token_id].add(bias)
+            out = out if then is None else out.at[..., then].add(bias / 10)
+        return out, c
 
     jax.clear_caches()
-    for module in (model, ar, masked_diffusion):
+    # every jaxgen module that calls the model (samplers import `forward` by name)
+    users = [m for name, m in list(sys.modules.items()) if name.startswith("jaxgen") and m is not None
+             and getattr(m, "forward", None) is original]
+    assert block_diffusion in users and model in users
+    for module in users:
         monkeypatch.setattr(module, "forward", biased)
     try:
         yield
@@ -92,12 +111,13 @@ def test_ar_stop_at_eos(tiny_cfg, tiny_params, monkeypatch):
 # ---------------------------------------------------------------- LLaDA
 def llada_reference(params, cfg, prompt, gen_length, steps, block_length, key=None, temperature=0.0,
                     remasking="low_confidence", cfg_scale=0.0):
-    """ML-GSAI/LLaDA generate.py, written from the spec, with jaxgen's draws: step n (counted
-    over all blocks) splits fold_in(key, n) into (token key, confidence key); tokens are
-    argmax(logits + T * gumbel), gumbel = -log(-log u), u = uniform(token key, [B, block, V],
-    1e-20, 1) (LLaDA's exp(l) / (-log u)^T); `random` remasking ranks by uniform(confidence key,
-    [B, block]), `low_confidence` by softmax(logits)[x0]; cfg_scale guides against prompt -> MASK
-    as uncond + (scale + 1)(cond - uncond)."""
+    """ML-GSAI/LLaDA generate.py, written from the spec, on the float64 NumPy model, with
+    jaxgen's draws: step n (counted over all blocks) splits fold_in(key, n) into (token key,
+    confidence key); tokens are argmax(logits + T * gumbel), gumbel = -log(-log u),
+    u = uniform(token key, [B, block, V], 1e-20, 1) (LLaDA's exp(l) / (-log u)^T); `random`
+    remasking ranks by uniform(confidence key, [B, block]), `low_confidence` by
+    softmax(logits)[x0]; cfg_scale guides against prompt -> MASK as
+    uncond + (scale + 1)(cond - uncond)."""
     x = np.concatenate([prompt, np.full((len(prompt), gen_length), cfg.mask_id)], 1)
     P = prompt.shape[1]
     nb = gen_length // block_length
@@ -107,10 +127,9 @@ def llada_reference(params, cfg, prompt, gen_length, steps, block_length, key=No
         k = schedule(block_length, spb)
         s, e = P + b * block_length, P + (b + 1) * block_length
         for i in range(spb):
-            logits = np.asarray(model.forward(params, cfg, jnp.asarray(x), layout=layouts.full())[0], np.float64)
+            logits = np_logits(params, cfg, x)  # the float64 NumPy model, full attention
             if cfg_scale:
-                uncond = np.where(np.arange(x.shape[1]) < P, cfg.mask_id, x)
-                un = np.asarray(model.forward(params, cfg, jnp.asarray(uncond), layout=layouts.full())[0], np.float64)
+                un = np_logits(params, cfg, np.where(np.arange(x.shape[1]) < P, cfg.mask_id, x))
                 logits = un + (cfg_scale + 1) * (logits - un)
             logits = logits[:, s:e]
             logits[..., cfg.mask_id] = -np.inf
@@ -167,7 +186,7 @@ def sdar_reference(params, cfg, prompt, gen_length, block, steps, remasking, thr
             mask = x[:, s:e] == cfg.mask_id
             if not mask.any():
                 break
-            logits = logits_of(params, cfg, x[:, :e], layouts.block_causal(block))[:, s:e]
+            logits = logits_of(params, cfg, x[:, :e], block_causal_mask(e, block))[:, s:e]
             nfe += 1
             tok = logits.argmax(-1)
             conf = np.where(mask, np.take_along_axis(softmax(logits), tok[..., None], -1)[..., 0], -np.inf)
@@ -216,7 +235,7 @@ def test_block_size_one_is_autoregression_with_a_mask_query(tiny_cfg, tiny_param
     x = PROMPT.copy()
     for _ in range(6):
         probe = np.concatenate([x, np.full((2, 1), tiny_cfg.mask_id)], 1)
-        nxt = logits_of(tiny_params, tiny_cfg, probe, layouts.causal())[:, -1].argmax(-1)
+        nxt = logits_of(tiny_params, tiny_cfg, probe, "causal")[:, -1].argmax(-1)
         x = np.concatenate([x, nxt[:, None]], 1)
     np.testing.assert_array_equal(np.asarray(out.tokens), x)
 
@@ -230,14 +249,17 @@ def test_dynamic_threshold_commits_several_per_step(tiny_cfg, tiny_params):
 
 
 def test_mask_token_is_never_a_candidate(tiny_cfg, tiny_params, monkeypatch):
-    params = tiny_params
-    with favour_token(monkeypatch, tiny_cfg.mask_id):
+    """The model's top token everywhere is MASK, its second EOS: every sampler emits EOS (so the
+    biased model is the one decoding), never MASK."""
+    params, eos = tiny_params, tiny_cfg.eos_id
+    with favour_token(monkeypatch, tiny_cfg.mask_id, then=eos):
         outs = [masked_diffusion.generate(params, tiny_cfg, PROMPT, jax.random.key(0), gen_length=8, steps=8,
                                           block_length=8),
                 block_diffusion.generate(params, tiny_cfg, PROMPT, jax.random.key(0), gen_length=8),
                 ar.generate(params, tiny_cfg, PROMPT, jax.random.key(0), max_new_tokens=4)]
     for out in outs:
-        assert (np.asarray(out.tokens) != tiny_cfg.mask_id).all()
+        np.testing.assert_array_equal(np.asarray(out.tokens)[:, :5], PROMPT)
+        assert (np.asarray(out.tokens)[:, 5:] == eos).all()
 
 
 def test_bad_inputs(tiny_cfg, tiny_params):
