@@ -64,16 +64,18 @@ def test_byte_tokenizer_roundtrip_and_packing():
 
 
 def test_hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel()
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
     t.train_from_iterator(["def foo(x): return x + 1"] * 50,
                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<|mask|>"]))
     t.save(str(tmp_path / "tokenizer.json"))
     tok = data.get_tokenizer(str(tmp_path))
     assert (tok.bos_id, tok.eos_id, tok.mask_id) == (1, 2, 3)
     ids = tok.encode("def foo(x)")
-    assert tok.decode(ids).replace(" ", "") == "deffoo(x)".replace(" ", "") or "foo" in tok.decode(ids)
+    assert list(ids) == t.encode("def foo(x)").ids and len(ids) < len("def foo(x)")  # BPE merges, not bytes
+    assert tok.decode(ids) == "def foo(x)"
     with pytest.raises(JaxgenError, match="no tokenizer.json"):
         data.get_tokenizer(str(tmp_path / "missing"))
 
