@@ -1,7 +1,7 @@
 """Run the reference decoders themselves against jaxgen's on the same random weights.
 
     python experiments/reference_parity.py [--fast-dllm PATH] [--dkv-cache PATH] [--sdar PATH]
-        [--wedlm PATH] [--nbdiff PATH] [--lavida PATH] [--seed N] [--prompts N] [--out F]
+        [--wedlm PATH] [--nbdiff PATH] [--lavida PATH] [--seed N] [--prompts N] [--timed-rounds N] [--out F]
 
 Needs local checkouts (any subset) of NVlabs/Fast-dLLM (its `llada/` and `dream/` folders),
 horseee/dKV-Cache, JetAstra/SDAR (`generate.py`, `training/model/SDAR-4B-Chat/`),
@@ -17,7 +17,9 @@ For each decoder it builds a tiny random model, writes it with `jaxgen.hf.save` 
 SDAR, Qwen3 (WeDLM) or Qwen2 (NBDiff) checkpoint (LLaDA for LaViDa), loads that with the
 reference's model class, and decodes the same prompts with the reference function (batch 1, as the
 references require) and with jaxgen (each prompt alone, for per-row NFE, and all prompts as one
-batch). It reports whether tokens and NFE are identical.
+batch). It reports whether tokens and NFE are identical, and the wall time per prompt of both:
+jaxgen through its public API (`generate(params, ...)`, weights passed, not closed over), the two
+alternating call by call over --timed-rounds rounds, medians compared (see `compare`).
 
 The random model's output layer is scaled up so confidences spread over (0, 1) and the
 threshold rules commit several tokens per step, and its layer matrices so that attention
@@ -177,7 +179,7 @@ def run_dkv_decode(dkv_cache, tmp, prompts, gen_length, block_length, seed):
             ref_fn = lambda p, kw=kw, reload=reload: (ref_generate.generate(  # noqa: E731
                 ref_model, None, p, temperature=0.0, remasking="low_confidence", mask_id=MASK_ID,
                 enable_cache=True, cache_reloading_step=reload, **kw), kw["steps"])
-            jax_fn = jax.jit(lambda p, kw=kw, reload=reload: masked_diffusion.generate(
+            jax_fn = (lambda p, kw=kw, reload=reload: masked_diffusion.generate(
                 params, cfg, p, jax.random.PRNGKey(0), cache="dkv_decode", cache_reloading_step=reload, **kw))
             rows.append(compare(f"dKV-Cache-Decode steps={steps} reload {reload}", ref_fn, jax_fn, prompts, baseline))
     return rows
@@ -213,7 +215,7 @@ def run_dream(fast_dllm, tmp, prompts, gen_length, seed):
 
     rows = []
     for name, kw in dream_cases(gen_length):
-        jax_fn = jax.jit(lambda p, kw=kw: masked_diffusion.generate(
+        jax_fn = (lambda p, kw=kw: masked_diffusion.generate(
             params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=gen_length, **kw))
         rows.append(compare(name, lambda p, kw=kw: ref_sample(p, kw), jax_fn, prompts))
     return rows
@@ -352,16 +354,19 @@ def run_sdar(sdar, tmp, prompts, gen_length, seed):
             rewrites_per_prompt.append(sum(rewrites))
             return x[:, : p.shape[1] + gen_length], ref_model.calls - 1
 
-        jax_fn = jax.jit(lambda p, block=block, steps=steps, rule=rule, threshold=threshold: block_diffusion.generate(
+        jax_fn = (lambda p, block=block, steps=steps, rule=rule, threshold=threshold: block_diffusion.generate(
             params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=block,
-            denoising_steps=steps, remasking=rule, threshold=threshold))
+            denoising_steps=steps, remasking=rule,
+            threshold=threshold if rule == "low_confidence_dynamic" else None))
         k = block // steps  # commits per step; a first block with a multiple of k MASKs avoids a rewrite there
         case_prompts = prompts[:, : prompts.shape[1] - (-prompts.shape[1]) % block % k]
         with torch.no_grad():
             row = compare(name + f", prompt {case_prompts.shape[1]}", ref_fn, jax_fn, case_prompts)
+        del rewrites_per_prompt[len(case_prompts):]  # the checking pass's calls; the timed calls follow them
         fused = block_diffusion.generate(params, cfg, jnp.asarray(case_prompts), jax.random.PRNGKey(0),
                                          gen_length=gen_length, block_length=block, denoising_steps=steps,
-                                         remasking=rule, threshold=threshold, fuse_block_write=True)
+                                         remasking=rule, fuse_block_write=True,
+                                         threshold=threshold if rule == "low_confidence_dynamic" else None)
         row["fused_block_write"] = {"tokens_as_unfused": bool((np.asarray(fused.tokens) == np.asarray(
             jax_fn(jnp.asarray(case_prompts)).tokens)).all()), "nfe_batched": int(fused.nfe)}
         same = "as" if row["fused_block_write"]["tokens_as_unfused"] else "NOT as"
@@ -466,7 +471,7 @@ def run_wedlm(wedlm_root, tmp, prompts, gen_length, seed):
                                                     penalty)
                     return x, nfe - 1
 
-                jax_fn = jax.jit(lambda p, window=window, threshold=threshold, penalty=penalty: wedlm.generate(
+                jax_fn = (lambda p, window=window, threshold=threshold, penalty=penalty: wedlm.generate(
                     params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, window_size=window,
                     entropy_threshold=threshold, pos_penalty=penalty))
                 with torch.no_grad():
@@ -526,8 +531,9 @@ def run_nbdiff(nbdiff_root, tmp, prompts, gen_length, seed):
             x = torch.where(x == MASK_ID, cfg.eos_id, x)
             return x, ref_model.calls - (not stopped)
 
-        jax_fn = jax.jit(lambda p, kw=kw: nbdiff.generate(params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length,
-                                                          stop_at_eos=True, **kw))
+        ours = dict(kw, threshold=kw["threshold"] if kw["alg"] == "confidence_threshold" else None)
+        jax_fn = (lambda p, ours=ours: nbdiff.generate(params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length,
+                                                       stop_at_eos=True, **ours))
         with torch.no_grad():
             rows.append(compare(name, ref_fn, jax_fn, prompts, batch_stops_at=cfg.eos_id))
     return rows
@@ -572,38 +578,49 @@ def run_lavida(lavida_root, tmp, prompts, gen_length, block_length, seed):
                                             schedule_kwargs={"shift": 3.0} if schedule == "shift" else None)
                     return torch.cat([p, x], dim=1), ref_model.calls
 
-                jax_fn = jax.jit(lambda p, schedule=schedule, remasking=remasking, per_block=per_block: lavida.generate(
+                jax_fn = (lambda p, schedule=schedule, remasking=remasking, per_block=per_block: lavida.generate(
                     params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=block_length,
-                    steps=per_block * num_blocks, remasking=remasking, schedule=schedule, shift=3.0))
+                    steps=per_block * num_blocks, remasking=remasking, schedule=schedule,
+                    shift=3.0 if schedule == "shift" else None))
                 with torch.no_grad():
                     rows.append(compare(name, ref_fn, jax_fn, prompts))
     return rows
 
 
-def compare(name, ref_fn, jax_fn, prompts, baseline=None, batch_stops_at=None):
+TIMED_ROUNDS = 7  # timing: rounds of one reference call then one jaxgen call, medians reported
+
+
+def compare(name, ref_fn, jax_fn, prompts, baseline=None, batch_stops_at=None, rounds=None):
     """Reference (one prompt at a time) vs jaxgen (one at a time, then batched). `baseline`: the
     no-cache tokens for a cached decoder (so that matching the reference is visibly more than
     matching no-cache decoding). `batch_stops_at`: an EOS id that ends decoding only once every
     row of the batch holds it, so a row decodes on past its EOS in a batch and not alone; the
     batched check then covers each row through its first generated EOS.
-    Wall time per prompt, both sides: the median over prompts after the first (jaxgen's first
-    call compiles), on whatever model the case uses (tiny and random here, so per-forward
-    overhead dominates)."""
+    Wall time per prompt, both sides, after the checking pass (which compiles jaxgen's sampler):
+    `rounds` (default TIMED_ROUNDS) rounds, each one reference call then one jaxgen call on the
+    same prompt (prompts taken in turn), so load drift hits both alike; the medians are reported.
+    jaxgen runs through its public API, `generate(params, cfg, prompt, key, ...)` with the
+    weights as an argument, as a user calls it (no outer jit closing over them). The model is
+    tiny and random, so per-forward overhead dominates."""
     import torch
-    ref_tokens, ref_nfe, ours_tokens, ours_nfe, ref_s, ours_s = [], [], [], [], [], []
+    ref_tokens, ref_nfe, ours_tokens, ours_nfe = [], [], [], []
     for p in prompts:
-        t = time.perf_counter()
         x, nfe = ref_fn(torch.as_tensor(p[None]))
-        ref_s.append(time.perf_counter() - t)
         ref_tokens.append(x.numpy()[0])
         ref_nfe.append(int(nfe))
-        t = time.perf_counter()
         out = jax.block_until_ready(jax_fn(jnp.asarray(p[None])))
-        ours_s.append(time.perf_counter() - t)
         ours_tokens.append(np.asarray(out.tokens)[0])
         ours_nfe.append(int(out.nfe))
-    warm = slice(1, None) if len(prompts) > 1 else slice(None)
-    ref_time, ours_time = float(np.median(ref_s[warm])), float(np.median(ours_s[warm]))
+    ref_s, ours_s = [], []
+    for i in range(TIMED_ROUNDS if rounds is None else rounds):
+        p = prompts[i % len(prompts)][None]
+        t = time.perf_counter()
+        ref_fn(torch.as_tensor(p))
+        ref_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        jax.block_until_ready(jax_fn(jnp.asarray(p)))
+        ours_s.append(time.perf_counter() - t)
+    ref_time, ours_time = float(np.median(ref_s)), float(np.median(ours_s))
     batched = np.asarray(jax_fn(jnp.asarray(prompts)).tokens)
     ref_tokens, ours_tokens = np.stack(ref_tokens), np.stack(ours_tokens)
     if batch_stops_at is not None:  # positions after a row's first generated EOS: as decoded alone
@@ -619,13 +636,14 @@ def compare(name, ref_fn, jax_fn, prompts, baseline=None, batch_stops_at=None):
            "token_agreement": float((ref_tokens == ours_tokens).mean()),
            "batched_identical": bool((batched == ours_tokens).all()),
            "nfe_reference": ref_nfe, "nfe_jaxgen": ours_nfe, "nfe_identical": ref_nfe == ours_nfe,
-           "reference_s": ref_time, "jaxgen_s": ours_time, "speedup": ref_time / ours_time}
+           "reference_s": ref_time, "jaxgen_s": ours_time, "speedup": ref_time / ours_time,
+           "timed_rounds": len(ref_s)}
     if baseline is not None:
         row["agreement_with_no_cache"] = float((ref_tokens == baseline).mean())
     print(f"{name:44s} tokens {'identical' if row['tokens_identical'] else 'DIFFER'} "
           f"({row['token_agreement']:.1%}), batched {'same' if row['batched_identical'] else 'DIFFERS'}, "
           f"NFE ref {ref_nfe} jaxgen {ours_nfe}, {1e3 * ref_time:.0f} ms vs {1e3 * ours_time:.0f} ms "
-          f"({row['speedup']:.1f}x)"
+          f"({row['speedup']:.1f}x, median of {len(ref_s)})"
           + (f", {row['agreement_with_no_cache']:.0%} like no cache" if baseline is not None else ""))
     return row
 
@@ -670,7 +688,7 @@ def run_llada(fast_dllm, tmp, prompts, gen_length, block_length, seed):
         ref_fn = lambda p, fn=getattr(ref_generate, fn_name), kw=kw: fn(  # noqa: E731
             ref_model, p, gen_length=gen_length, block_length=block_length, temperature=0.0,
             remasking="low_confidence", mask_id=MASK_ID, **kw)
-        jax_fn = jax.jit(lambda p, kw=kw, ours_kw=ours_kw: masked_diffusion.generate(
+        jax_fn = (lambda p, kw=kw, ours_kw=ours_kw: masked_diffusion.generate(
             params, cfg, p, jax.random.PRNGKey(0), gen_length=gen_length, block_length=block_length,
             **kw, **ours_kw))
         baseline = baselines[kw["steps"]] if "cache" in ours_kw else None
@@ -694,6 +712,7 @@ REFERENCES = {  # flag -> (repository, files the run imports)
 
 
 def main(argv=None):
+    global TIMED_ROUNDS  # --timed-rounds sets compare's default for this run
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for dest, (repo, _) in REFERENCES.items():
         ap.add_argument("--" + dest.replace("_", "-"), dest=dest, type=pathlib.Path, help=f"a local {repo} checkout")
@@ -703,7 +722,11 @@ def main(argv=None):
     ap.add_argument("--prompt-length", type=int, default=13)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=16)
+    ap.add_argument("--timed-rounds", type=int, default=TIMED_ROUNDS,
+                    help="timed rounds per case (one reference call, then one jaxgen call); medians reported")
     args = ap.parse_args(argv)
+    if args.timed_rounds < 1:
+        raise SystemExit(f"--timed-rounds {args.timed_rounds}: use 1 or more (the default is {TIMED_ROUNDS})")
     given = {dest: getattr(args, dest) for dest in REFERENCES if getattr(args, dest) is not None}
     if not given:
         raise SystemExit("pass at least one reference checkout: " + ", ".join(
@@ -714,6 +737,7 @@ def main(argv=None):
             if not (root / sub).exists():
                 raise SystemExit(f"--{dest.replace('_', '-')} {root} has no {sub}; pass the root of a {repo} checkout")
     prompts = np.random.RandomState(args.seed).randint(4, MASK_ID, (args.prompts, args.prompt_length))
+    TIMED_ROUNDS = args.timed_rounds
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = pathlib.Path(d)

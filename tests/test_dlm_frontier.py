@@ -42,3 +42,42 @@ def test_frontier_writes_json_and_plot(tmp_path, data_dir):
     assert (out / "frontier.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown decoder"):
         frontier.select_decoders(frontier.decoders(8, 8), ["LLaDA", "no such decoder"])
+
+
+def load_frontier():
+    path = pathlib.Path(__file__).parents[1] / "experiments" / "dlm_frontier.py"
+    spec = importlib.util.spec_from_file_location("dlm_frontier", path)
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    return frontier
+
+
+def test_eos_fill_rows_count_tokens_through_the_first_eos_only():
+    """EoTP decoders fill after a committed EOS: their speed and quality count each row's tokens
+    through its first generated EOS (the prompt's EOS and the fill are not counted); others count all."""
+    import numpy as np
+    frontier = load_frontier()
+    assert set(frontier.EOS_FILL) <= set(frontier.decoders(8, 8))
+    eos, P = 9, 2
+    tokens = np.array([[eos, 1, 5, 6, eos, eos, eos, eos],   # EOS at generated index 2: 3 counted
+                       [1, 2, 5, 6, 7, 8, 5, 6],             # no EOS: all 6
+                       [1, 2, eos, eos, eos, eos, eos, eos]])  # EOS first: 1
+    fill = frontier.counted_lengths(tokens, P, eos, fills_after_eos=True)
+    assert fill.tolist() == [3, 6, 1]
+    assert frontier.counted_lengths(tokens, P, eos, fills_after_eos=False).tolist() == [6, 6, 6]
+    # 4-grams over the counted tokens only: row 1 has 3 distinct of 3, the others none to count
+    assert frontier.distinct_4grams(tokens, P, fill) == np.mean([0.0, 1.0, 0.0])
+    assert frontier.distinct_4grams(tokens, P) < frontier.distinct_4grams(tokens[1:2], P)
+
+
+def test_bits_per_byte_scores_only_the_counted_tokens(tiny_cfg, tiny_params):
+    import numpy as np
+    frontier = load_frontier()
+    tokens = np.random.RandomState(0).randint(0, 256, (2, 12))
+    lengths = np.array([3, 8])
+    changed = tokens.copy()
+    changed[0, 4 + 3:] = 7  # after row 0's counted tokens (prompt 4)
+    score = lambda t, n=lengths: frontier.ar_bits_per_byte(tiny_params, tiny_cfg, t, 4, n)  # noqa: E731
+    assert score(changed) == score(tokens) != score(changed, None)
+    nll = np.asarray(frontier._continuation_nll(tiny_params, tiny_cfg, tokens, prompt_len=4))
+    np.testing.assert_allclose(score(tokens), np.concatenate([nll[0, :3], nll[1]]).mean() / np.log(2), rtol=1e-6)

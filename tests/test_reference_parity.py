@@ -44,3 +44,33 @@ def test_greedy_sdar_sampling_is_argmax_and_its_probability():
     torch.testing.assert_close(prob, torch.softmax(logits, -1).amax(-1))
     with pytest.raises(AssertionError):
         parity.greedy_sdar_sampling(logits, top_p=0.9)
+
+
+def test_compare_times_alternating_rounds_after_the_checking_pass():
+    """Timing: after one checking call per prompt on each side, TIMED_ROUNDS rounds of one
+    reference call then one jaxgen call (prompts in turn); medians of those rounds are reported."""
+    import types
+
+    import numpy as np
+    import torch
+    parity = load_script()
+    prompts = np.arange(6).reshape(3, 2) + 4
+    calls = []
+
+    def ref_fn(p):
+        calls.append(("ref", p.numpy().tolist()))
+        return torch.cat([p, p], 1), 2
+
+    def jax_fn(p):
+        calls.append(("jax", np.asarray(p).tolist()))
+        return types.SimpleNamespace(tokens=np.concatenate([p, p], 1), nfe=2)
+
+    row = parity.compare("stub", ref_fn, jax_fn, prompts)
+    assert row["tokens_identical"] and row["nfe_identical"] and row["batched_identical"]
+    rounds = parity.TIMED_ROUNDS
+    assert rounds >= 5 and row["timed_rounds"] == rounds
+    timed = calls[2 * len(prompts):-1]  # after the checking pass, before the batched call
+    assert [side for side, _ in timed] == ["ref", "jax"] * rounds
+    assert [p for _, p in timed[::2]] == [[prompts[i % 3].tolist()] for i in range(rounds)]
+    assert [p for _, p in timed[::2]] == [p for _, p in timed[1::2]]  # both sides time the same prompt
+    assert calls[-1] == ("jax", prompts.tolist())

@@ -44,7 +44,7 @@ def run(prompt_len=32, new_tokens=128, batches=(1, 8), repeats=5, threads: int |
     hf_model = build_hf_llama()
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
-        cfg, params = hf.load(d)
+        cfg, params = hf.load(d, form="decode")  # the fast form (see model.decode_params)
     results = {"model": "llama hidden=256 layers=4 heads=4 vocab=4096 fp32", "prompt_len": prompt_len,
                "new_tokens": new_tokens, "repeats": repeats, "rows": []}
     for batch in batches:

@@ -8,6 +8,7 @@ over by the recipe, everything dynamic lives in the state.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -64,7 +65,28 @@ def step(recipe: Recipe, state: DecodeState) -> DecodeState:
     commit = recipe.rule(proposal, state)
     state = recipe.update(state, proposal, commit, cache)
     state = state.replace(step=state.step + 1, nfe=state.nfe + forwards)
-    return state if recipe.after is None else recipe.after(state)
+    state = state if recipe.after is None else recipe.after(state)
+    for observer in _OBSERVERS:  # traced in only inside `observe_steps`
+        jax.debug.callback(observer, state.step, state.nfe, state.tokens, ordered=True)
+    return state
+
+
+_OBSERVERS: list[Callable] = []
+
+
+@contextlib.contextmanager
+def observe_steps(observer: Callable):
+    """Within the block, every decode-loop step of every sampler calls `observer(step, nfe,
+    tokens)` on the host with the canvas after it (`jax.debug.callback`): the sampler's own
+    program, same key and arithmetic, plus one host copy per step. Compiled programs are dropped
+    on entry and exit (`jax.clear_caches`) so the callback is traced in, and out again."""
+    _OBSERVERS.append(observer)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+        jax.clear_caches()
 
 
 def run(recipe: Recipe, state: DecodeState, max_steps: int) -> DecodeState:
