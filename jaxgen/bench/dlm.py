@@ -92,7 +92,7 @@ def run(prompt_len=32, gen_length=256, block_length=32, steps=None, batch=1, rep
     hf_model = build_hf_llama(**size)
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
-        cfg, params = hf.load(d)
+        cfg, params = hf.load(d, form="decode")  # the fast form (see model.decode_params)
     mask_id = cfg.vocab_size - 1
     prompt = np.random.RandomState(0).randint(3, mask_id, (batch, prompt_len))
     kw = dict(gen_length=gen_length, steps=steps, block_length=block_length, mask_id=mask_id)
