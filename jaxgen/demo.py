@@ -86,7 +86,7 @@ def sampler(paradigm, params, cfg, prompt, key, *, gen_length: int, temperature:
                                             temperature=temperature, prompt_lengths=prompt_lengths, **filters)
 
 
-def run(out_dir="out/demo", steps: int = 300, preset: str = "tiny", gen_length: int = 64, overrides=(),
+def run(out_dir="out/demo", steps: int = 500, preset: str = "tiny", gen_length: int = 64, overrides=(),
         data_dir: str = "", progress: bool = True, bpe_vocab: int = 1024, temperature: float = 0.8,
         top_p: float = 0.9, trace_length: int = 32) -> dict:
     """Train, sample and report (see the module docstring). bpe_vocab: the size of the BPE

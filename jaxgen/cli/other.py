@@ -33,7 +33,7 @@ def add_parsers(sub) -> None:
 
     d = sub.add_parser("demo", help="train and sample AR, masked- and block-diffusion models (offline)")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--steps", type=int, default=500)
     d.add_argument("--preset", default="tiny")
     d.add_argument("--gen-length", type=int, default=64)
     d.add_argument("--no-progress", action="store_true")
