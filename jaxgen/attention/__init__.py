@@ -7,8 +7,8 @@ skip or mask tiles in-kernel. Implementations behind it, each tested against
 
 - `"xla"`: the reference (a dense boolean mask built in the door);
 - `"pallas"`: block-sparse flash attention (`pallas_flash`), the layout rule in-kernel, empty
-  key tiles skipped; interpret mode on a CPU backend (`interpret=None`), compiled elsewhere. Its
-  backward is still the reference's. Every layout but `tree`;
+  key tiles skipped, forward and backward kernels; interpret mode on a CPU backend
+  (`interpret=None`), compiled elsewhere (Triton on GPU). Every layout but `tree`;
 - `"auto"`: the XLA reference for now (the Pallas kernel is not yet measured on an accelerator).
 """
 from __future__ import annotations
