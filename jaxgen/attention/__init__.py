@@ -53,5 +53,25 @@ def _pallas(q_BLHD, k_BSKD, v_BSKD, layout, q_idx_BL, kv_idx_BS, kv_valid_BS, sp
     ranges = tuple(tuple(jnp.broadcast_to(a, (B, L)).astype(jnp.int32) for a in pair) for pair in ranges)
     valid = jnp.ones((B, S), bool) if kv_valid_BS is None else jnp.broadcast_to(kv_valid_BS, (B, S))
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    if not interpret:
+        check_compiled_shapes(q_BLHD, k_BSKD)
     return pallas_flash.flash_attention(q_BLHD, k_BSKD, v_BSKD, ranges, jnp.broadcast_to(kv_idx_BS, (B, S)), valid,
                                         64, 64, interpret)
+
+
+COMPILED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_compiled_shapes(q_BLHD, k_BSKD):
+    """What the compiled (Triton) kernel serves: a power-of-two head dim >= 16, float dtypes, and
+    query heads a multiple of kv heads."""
+    D, H, K = q_BLHD.shape[-1], q_BLHD.shape[2], k_BSKD.shape[2]
+    if D < 16 or D & (D - 1):
+        raise ConfigError(f"attention impl='pallas' (compiled) needs a power-of-two head dim >= 16, got {D}; "
+                          "use impl='xla'")
+    for name, a in (("q", q_BLHD), ("k", k_BSKD)):
+        if jnp.dtype(a.dtype).name not in COMPILED_DTYPES:
+            raise ConfigError(f"attention impl='pallas' (compiled) takes {', '.join(COMPILED_DTYPES)}; {name} is "
+                              f"{jnp.dtype(a.dtype).name}; use impl='xla' or cast")
+    if H % K:
+        raise ConfigError(f"{H} query heads are not a multiple of {K} kv heads")

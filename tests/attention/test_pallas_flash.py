@@ -139,3 +139,13 @@ def test_tree_layout_is_refused_by_name():
     idx = jnp.broadcast_to(jnp.arange(4), (B, 4))
     with pytest.raises(ConfigError, match="'tree' layout"):
         door("pallas", q, k, v, layouts.tree((-1, 0, 0, 1)), q_idx_BL=idx, kv_idx_BS=idx, split_B=jnp.zeros(B, int))
+
+
+@pytest.mark.parametrize("head_dim, dtype, found", [(24, jnp.bfloat16, "power-of-two head dim >= 16, got 24"),
+                                                    (8, jnp.bfloat16, "got 8"),
+                                                    (32, jnp.int8, "q is int8")])
+def test_compiled_kernel_refuses_what_it_cannot_serve(head_dim, dtype, found):
+    q = jnp.zeros((1, 16, 2, head_dim), dtype)
+    idx = jnp.broadcast_to(jnp.arange(16), (1, 16))
+    with pytest.raises(ConfigError, match=found):
+        attention(q, q, q, layouts.causal(), q_idx_BL=idx, kv_idx_BS=idx, impl="pallas", interpret=False)
