@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from jaxgen import demo
 from jaxgen.bench import ar as bench_ar
+from jaxgen.bench import attention as bench_attention
 from jaxgen.bench import dlm as bench_dlm
 
 
 def run_bench(args):
-    (bench_ar if args.what == "ar" else bench_dlm).main(args)
+    {"ar": bench_ar, "dlm": bench_dlm, "attention": bench_attention}[args.what].main(args)
 
 
 def run_demo(args):
@@ -18,8 +19,9 @@ def run_demo(args):
 
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    b.add_argument("what", choices=("ar", "dlm"), help="ar: vs HF generate; dlm: LLaDA vs two PyTorch "
-                   "loops (as written and equal work), and each Fast-dLLM mode vs no cache")
+    b.add_argument("what", choices=("ar", "dlm", "attention"), help="ar: vs HF generate; dlm: LLaDA vs two "
+                   "PyTorch loops (as written and equal work), and each Fast-dLLM mode vs no cache; attention: "
+                   "the door's xla / pallas (/ cudnn on GPU) per layout, fwd and fwd+bwd, and the cache path")
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--new-tokens", type=int, default=128, help="ar only")
     b.add_argument("--batches", default="1,8", help="ar only")
