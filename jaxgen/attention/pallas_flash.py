@@ -5,7 +5,9 @@ One program per (row, query head, query tile) walks the key tiles with an online
 query's two visible key ranges (`Layout.kv_ranges`, computed outside: O(L), never a dense
 [L, S] mask) against the keys' layout coordinates and validity. Key tiles no query of the tile
 can see are skipped: a conservative test on the tile's coordinate bounds against the tile's
-range bounds, so any coordinates work (cache slots, reordered windows), not only 0..S-1.
+range bounds, so any coordinates work (cache slots, reordered windows), not only 0..S-1; each
+program loops only over the span from its first to its last visible tile (`tile_span`: a cache
+chunk reads its filled tiles, a causal tile stops at the diagonal) and skips empty tiles inside.
 GQA reads each kv head once per query head group through the index map (no repeated K/V).
 Rows with no visible key return 0, as the reference does.
 
@@ -71,8 +73,8 @@ def _ranges_of(refs):
     return tuple(r[0, :][:, None] for r in refs)
 
 
-def _fwd_kernel(visible_ref, q_ref, k_ref, v_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref, lo2_ref, hi2_ref, o_ref,
-                lse_ref, *, kv_block: int, num_kv_tiles: int, scale: float):
+def _fwd_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref, lo2_ref, hi2_ref, o_ref,
+                lse_ref, *, kv_block: int, scale: float):
     q = q_ref[0, :, 0, :].astype(jnp.float32) * scale  # [bq, D]
     ranges = _ranges_of((lo1_ref, hi1_ref, lo2_ref, hi2_ref))
     bq, D = q.shape
@@ -93,13 +95,13 @@ def _fwd_kernel(visible_ref, q_ref, k_ref, v_ref, kidx_ref, kvalid_ref, lo1_ref,
         return jax.lax.cond(visible_ref[0, 0, j] > 0, attend, lambda c: c, carry)
 
     init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, D), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, num_kv_tiles, tile, init)
+    m, l, acc = jax.lax.fori_loop(first_ref[0, 0], last_ref[0, 0], tile, init)  # only the span that sees
     o_ref[0, :, 0, :] = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[0, 0, :] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)  # rows with no key: unused
 
 
-def _dkv_kernel(visible_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref,
-                lo2_ref, hi2_ref, dk_ref, dv_ref, *, q_block: int, num_q_tiles: int, scale: float):
+def _dkv_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref,
+                lo2_ref, hi2_ref, dk_ref, dv_ref, *, q_block: int, scale: float):
     """One key tile of one query head: dV = sum P^T dO, dK = sum dS^T Q * scale over query tiles."""
     k = k_ref[0, :, 0, :].astype(jnp.float32)  # [bk, D]
     v = v_ref[0, :, 0, :].astype(jnp.float32)
@@ -120,13 +122,13 @@ def _dkv_kernel(visible_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ki
         return jax.lax.cond(visible_ref[0, i, 0] > 0, attend, lambda c: c, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, num_q_tiles, tile, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(first_ref[0, 0], last_ref[0, 0], tile, (zeros, zeros))
     dk_ref[0, :, 0, :] = dk.astype(dk_ref.dtype)  # q was pre-scaled: dK = dS^T (Q * scale)
     dv_ref[0, :, 0, :] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(visible_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref,
-               lo2_ref, hi2_ref, dq_ref, *, kv_block: int, num_kv_tiles: int, scale: float):
+def _dq_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref,
+               lo2_ref, hi2_ref, dq_ref, *, kv_block: int, scale: float):
     """One query tile: dQ = sum dS K * scale over key tiles."""
     q = q_ref[0, :, 0, :].astype(jnp.float32) * scale
     do = do_ref[0, :, 0, :].astype(jnp.float32)
@@ -144,8 +146,20 @@ def _dq_kernel(visible_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kid
 
         return jax.lax.cond(visible_ref[0, 0, j] > 0, attend, lambda c: c, dq)
 
-    dq = jax.lax.fori_loop(0, num_kv_tiles, tile, jnp.zeros(q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(first_ref[0, 0], last_ref[0, 0], tile, jnp.zeros(q.shape, jnp.float32))
     dq_ref[0, :, 0, :] = (dq * scale).astype(dq_ref.dtype)
+
+
+def tile_span(visible, axis: int):
+    """(first, last + 1) int32 of the visible tiles along `axis` of the [B, nq, nk] map, per
+    remaining index (0, 0 when none): kernels loop over that span only (a cache chunk reads
+    its filled tiles, a causal query tile stops at the diagonal)."""
+    n = visible.shape[axis]
+    idx = jnp.arange(n).reshape([-1 if a == axis else 1 for a in range(visible.ndim)])
+    seen = visible > 0
+    first = jnp.where(seen, idx, n).min(axis)
+    last = jnp.where(seen, idx + 1, 0).max(axis)
+    return jnp.where(last > 0, first, 0).astype(jnp.int32), last.astype(jnp.int32)
 
 
 class _Padded(NamedTuple):
@@ -201,14 +215,15 @@ def _forward(x: _Padded, interpret: bool):
     nq, nk = x.visible.shape[1:]
     group = H // x.k.shape[2]
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=False)
-    kernel = functools.partial(_fwd_kernel, kv_block=x.kv_block, num_kv_tiles=nk, scale=1.0 / float(D) ** 0.5)
+    kernel = functools.partial(_fwd_kernel, kv_block=x.kv_block, scale=1.0 / float(D) ** 0.5)
     (lo1, hi1), (lo2, hi2) = x.ranges
+    span = pl.BlockSpec((1, 1), lambda b, h, i: (b, i))
     return _call(kernel, x, (B, H, nq),
-                 [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), q_spec, kv_spec, kv_spec, key_row, key_row,
+                 [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), span, span, q_spec, kv_spec, kv_spec, key_row, key_row,
                   query_row, query_row, query_row, query_row],
                  [q_spec, pl.BlockSpec((1, 1, x.q_block), lambda b, h, i: (b, h, i))],
                  [jax.ShapeDtypeStruct(x.q.shape, x.q.dtype), jax.ShapeDtypeStruct((B, H, Lp), jnp.float32)],
-                 interpret)(x.visible, x.q, x.k, x.v, x.kidx, x.kvalid, lo1, hi1, lo2, hi2)
+                 interpret)(x.visible, *tile_span(x.visible, 2), x.q, x.k, x.v, x.kidx, x.kvalid, lo1, hi1, lo2, hi2)
 
 
 def _backward(x: _Padded, out, lse, d_out, interpret: bool):
@@ -221,20 +236,24 @@ def _backward(x: _Padded, out, lse, d_out, interpret: bool):
     (lo1, hi1), (lo2, hi2) = x.ranges
     args = (x.q, x.k, x.v, d_out, lse, delta, x.kidx, x.kvalid, lo1, hi1, lo2, hi2)
 
+    span = pl.BlockSpec((1, 1), lambda b, h, i: (b, i))
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=True)
     stat = pl.BlockSpec((1, 1, Lp), lambda b, h, i: (b, h, 0))
     per_head_kv = pl.BlockSpec((1, x.kv_block, 1, D), lambda b, h, i: (b, i, h, 0))
-    dk, dv = _call(functools.partial(_dkv_kernel, q_block=x.q_block, num_q_tiles=nq, scale=scale), x, (B, H, nk),
-                   [pl.BlockSpec((1, nq, 1), lambda b, h, i: (b, 0, i)), q_spec, kv_spec, kv_spec, q_spec, stat, stat,
+    dk, dv = _call(functools.partial(_dkv_kernel, q_block=x.q_block, scale=scale), x, (B, H, nk),
+                   [pl.BlockSpec((1, nq, 1), lambda b, h, i: (b, 0, i)), span, span, q_spec, kv_spec, kv_spec, q_spec,
+                    stat, stat,
                     key_row, key_row, query_row, query_row, query_row, query_row],
                    [per_head_kv, per_head_kv], [jax.ShapeDtypeStruct((B, Sp, H, D), jnp.float32)] * 2,
-                   interpret)(x.visible, *args)
+                   interpret)(x.visible, *tile_span(x.visible, 1), *args)
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=False)
     stat = pl.BlockSpec((1, 1, x.q_block), lambda b, h, i: (b, h, i))
-    dq = _call(functools.partial(_dq_kernel, kv_block=x.kv_block, num_kv_tiles=nk, scale=scale), x, (B, H, nq),
-               [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), q_spec, kv_spec, kv_spec, q_spec, stat, stat,
+    dq = _call(functools.partial(_dq_kernel, kv_block=x.kv_block, scale=scale), x, (B, H, nq),
+               [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), span, span, q_spec, kv_spec, kv_spec, q_spec,
+                stat, stat,
                 key_row, key_row, query_row, query_row, query_row, query_row],
-               q_spec, jax.ShapeDtypeStruct(x.q.shape, jnp.float32), interpret)(x.visible, *args)
+               q_spec, jax.ShapeDtypeStruct(x.q.shape, jnp.float32), interpret)(x.visible, *tile_span(x.visible, 2),
+                                                                                 *args)
     heads = lambda g: g.reshape(B, Sp, K, group, D).sum(3)  # query heads -> their kv head
     return dq, heads(dk), heads(dv)
 

@@ -89,8 +89,16 @@ def test_tile_skipping_is_conservative_and_skips():
     assert tiles.shape == (B, 4, 4)
     causal = layouts.causal().kv_ranges(idx)
     causal = tuple(tuple(jnp.broadcast_to(a, (B, T)) for a in pair) for pair in causal)
-    np.testing.assert_array_equal(pallas_flash.tile_visible(causal, idx, valid, TILE, TILE)[0],
-                                  np.tril(np.ones((4, 4), int)))
+    causal_tiles = pallas_flash.tile_visible(causal, idx, valid, TILE, TILE)
+    np.testing.assert_array_equal(causal_tiles[0], np.tril(np.ones((4, 4), int)))
+    first, last = pallas_flash.tile_span(causal_tiles, 2)  # query tile i walks key tiles [0, i]
+    np.testing.assert_array_equal(first[0], 0)
+    np.testing.assert_array_equal(last[0], [1, 2, 3, 4])
+    first, last = pallas_flash.tile_span(causal_tiles, 1)  # key tile j is seen by query tiles [j, 4)
+    np.testing.assert_array_equal(first[0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(last[0], 4)
+    none = pallas_flash.tile_span(jnp.zeros((1, 2, 3), jnp.int32), 2)
+    np.testing.assert_array_equal(np.stack(none), 0)  # nothing visible: an empty span
 
 
 GRAD_CASES = ("block_causal", "dual_stream", "prefix_per_row", "verify_draft")
