@@ -203,7 +203,7 @@ def _specs(x: _Padded, group: int, by_key_tile: bool):
     return q_spec, kv_spec, key_row, query_row
 
 
-def _call(kernel, x: _Padded, grid, in_specs, out_specs, out_shape, interpret):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=interpret,
                           compiler_params=plt.CompilerParams(num_warps=4, num_stages=2))  # GPU: Triton
@@ -218,7 +218,7 @@ def _forward(x: _Padded, interpret: bool):
     kernel = functools.partial(_fwd_kernel, kv_block=x.kv_block, scale=1.0 / float(D) ** 0.5)
     (lo1, hi1), (lo2, hi2) = x.ranges
     span = pl.BlockSpec((1, 1), lambda b, h, i: (b, i))
-    return _call(kernel, x, (B, H, nq),
+    return _call(kernel, (B, H, nq),
                  [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), span, span, q_spec, kv_spec, kv_spec, key_row, key_row,
                   query_row, query_row, query_row, query_row],
                  [q_spec, pl.BlockSpec((1, 1, x.q_block), lambda b, h, i: (b, h, i))],
@@ -240,7 +240,7 @@ def _backward(x: _Padded, out, lse, d_out, interpret: bool):
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=True)
     stat = pl.BlockSpec((1, 1, Lp), lambda b, h, i: (b, h, 0))
     per_head_kv = pl.BlockSpec((1, x.kv_block, 1, D), lambda b, h, i: (b, i, h, 0))
-    dk, dv = _call(functools.partial(_dkv_kernel, q_block=x.q_block, scale=scale), x, (B, H, nk),
+    dk, dv = _call(functools.partial(_dkv_kernel, q_block=x.q_block, scale=scale), (B, H, nk),
                    [pl.BlockSpec((1, nq, 1), lambda b, h, i: (b, 0, i)), span, span, q_spec, kv_spec, kv_spec, q_spec,
                     stat, stat,
                     key_row, key_row, query_row, query_row, query_row, query_row],
@@ -248,7 +248,7 @@ def _backward(x: _Padded, out, lse, d_out, interpret: bool):
                    interpret)(x.visible, *tile_span(x.visible, 1), *args)
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=False)
     stat = pl.BlockSpec((1, 1, x.q_block), lambda b, h, i: (b, h, i))
-    dq = _call(functools.partial(_dq_kernel, kv_block=x.kv_block, scale=scale), x, (B, H, nq),
+    dq = _call(functools.partial(_dq_kernel, kv_block=x.kv_block, scale=scale), (B, H, nq),
                [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), span, span, q_spec, kv_spec, kv_spec, q_spec,
                 stat, stat,
                 key_row, key_row, query_row, query_row, query_row, query_row],

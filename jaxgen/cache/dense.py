@@ -71,7 +71,7 @@ def init_cache(cfg, batch: int, max_len: int | None = None, dtype=None, per_laye
 def unstack_cache(cache: KVCache) -> KVCache:
     """One buffer per layer. Decode loops carry this form: a write then updates its own layer's
     buffer in place instead of a slice of the stacked array (measured on XLA CPU: see
-    `jaxgen.model.unstack_layers`, which the model then applies to the params too)."""
+    `jaxgen.model.decode_params`, the params form that goes with it)."""
     if cache.unstacked:
         return cache
     return cache.replace(k=list(cache.k), v=list(cache.v))

@@ -27,7 +27,7 @@ from jaxgen import data, layouts, objectives
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding.propose import NEG_INF
 from jaxgen.errors import ConfigError, JaxgenError
-from jaxgen.model import forward, unstack_layers
+from jaxgen.model import forward
 from jaxgen.objectives.learn2pd import Learn2PDOptions
 from jaxgen.samplers import masked_diffusion
 from jaxgen.samplers.learn2pd import filter_features, filter_logits, init_filter
@@ -39,7 +39,6 @@ from jaxgen.training.checkpoint import Checkpointer
 def oracle_trajectories(params, cfg, prompt, reference, *, block_length: int):
     """Features, labels and validity [B, S, K] of the oracle decode towards `reference` [B, P + N]
     (S = N steps at most: one block's steps are padded to K, invalid after the block is clean)."""
-    params = unstack_layers(params)
     B, P = prompt.shape
     N = reference.shape[1] - P
     num_blocks = N // block_length
