@@ -124,6 +124,9 @@ class RopeScaling:
         return cls(**value)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn", "splash")  # served by jaxgen.attention.attention
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The Llama-family backbone (Llama, Qwen2 = +qkv bias, Qwen3 = +qk-norm)."""
@@ -150,7 +153,7 @@ class ModelConfig:
     bos_id: int | None = 256
     eos_id: int | None = 257
     pad_id: int | None = 258
-    attention_impl: str = "auto"
+    attention_impl: str = "auto"  # auto | xla | pallas | cudnn | splash (jaxgen.attention)
 
     def __post_init__(self):
         rope = RopeScaling.parse(self.rope_scaling)
@@ -166,6 +169,8 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
                 "grouped-query attention needs num_heads = k * num_kv_heads")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat={self.remat!r}; use one of 'none', 'full', 'dots'")
         for name in ("dtype", "param_dtype"):

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen import layouts as layouts_lib
 from jaxgen.attention import attention
@@ -168,10 +169,11 @@ def _select_rows(a_BL, out_rows):
 
 
 def default_positions(cache, batch: int, length: int):
-    """RoPE positions of a chunk: 0..L-1, or each row's next slots with a cache."""
-    steps = jnp.arange(length, dtype=jnp.int32)
+    """RoPE positions of a chunk: 0..L-1 (static numpy, so attention kernels that need static
+    coordinates, e.g. splash, can serve training forwards), or each row's next slots with a cache."""
+    steps = np.arange(length, dtype=np.int32)
     if cache is None:
-        return jnp.broadcast_to(steps, (batch, length))
+        return np.broadcast_to(steps, (batch, length))
     cache_lib.dense.check_rows(cache, batch)
     start = jnp.broadcast_to(cache_lib.access(cache).start, (batch,))
     return start[:, None] + steps
@@ -182,7 +184,7 @@ def _layout_idx(layout, layout_idx_BL, positions_BL):
     if layout_idx_BL is not None:
         return jnp.broadcast_to(jnp.asarray(layout_idx_BL, jnp.int32), positions_BL.shape)
     if layout.two_stream:
-        return jnp.broadcast_to(jnp.arange(positions_BL.shape[1], dtype=jnp.int32), positions_BL.shape)
+        return np.broadcast_to(np.arange(positions_BL.shape[1], dtype=np.int32), positions_BL.shape)
     return positions_BL
 
 

@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plt
 NEG = -1e30  # running-max floor: exp(NEG - m) underflows to 0 for any real score
 
 
-def _pad_to(x, axis: int, multiple: int, value=0):
+def pad_to(x, axis: int, multiple: int, value=0):
     extra = -x.shape[axis] % multiple
     if not extra:
         return x
@@ -73,7 +73,7 @@ def _ranges_of(refs):
     return tuple(r[0, :][:, None] for r in refs)
 
 
-def _fwd_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref, lo2_ref, hi2_ref, o_ref,
+def fwd_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref, lo2_ref, hi2_ref, o_ref,
                 lse_ref, *, kv_block: int, scale: float):
     q = q_ref[0, :, 0, :].astype(jnp.float32) * scale  # [bq, D]
     ranges = _ranges_of((lo1_ref, hi1_ref, lo2_ref, hi2_ref))
@@ -97,7 +97,8 @@ def _fwd_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, kidx_ref,
     init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, D), jnp.float32))
     m, l, acc = jax.lax.fori_loop(first_ref[0, 0], last_ref[0, 0], tile, init)  # only the span that sees
     o_ref[0, :, 0, :] = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[0, 0, :] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)  # rows with no key: unused
+    # rows with no key: NEG, so a split-K combine weighs them 0 (the backward never reads them)
+    lse_ref[0, 0, :] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
 
 
 def _dkv_kernel(visible_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kidx_ref, kvalid_ref, lo1_ref, hi1_ref,
@@ -178,10 +179,10 @@ class _Padded(NamedTuple):
 def _pad(q_BLHD, k_BSKD, v_BSKD, ranges, kv_idx_BS, kv_valid_BS, q_block, kv_block) -> _Padded:
     L, S = q_BLHD.shape[1], k_BSKD.shape[1]
     q_block, kv_block = min(q_block, max(L, 1)), min(kv_block, max(S, 1))
-    ranges = tuple((_pad_to(lo, 1, q_block), _pad_to(hi, 1, q_block)) for lo, hi in ranges)  # padded rows: empty
-    kidx = _pad_to(kv_idx_BS.astype(jnp.int32), 1, kv_block)
-    kvalid = _pad_to(kv_valid_BS.astype(jnp.int32), 1, kv_block)
-    return _Padded(_pad_to(q_BLHD, 1, q_block), _pad_to(k_BSKD, 1, kv_block), _pad_to(v_BSKD, 1, kv_block), kidx,
+    ranges = tuple((pad_to(lo, 1, q_block), pad_to(hi, 1, q_block)) for lo, hi in ranges)  # padded rows: empty
+    kidx = pad_to(kv_idx_BS.astype(jnp.int32), 1, kv_block)
+    kvalid = pad_to(kv_valid_BS.astype(jnp.int32), 1, kv_block)
+    return _Padded(pad_to(q_BLHD, 1, q_block), pad_to(k_BSKD, 1, kv_block), pad_to(v_BSKD, 1, kv_block), kidx,
                    kvalid, ranges, tile_visible(ranges, kidx, kvalid > 0, q_block, kv_block), q_block, kv_block)
 
 
@@ -203,7 +204,7 @@ def _specs(x: _Padded, group: int, by_key_tile: bool):
     return q_spec, kv_spec, key_row, query_row
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+def call(kernel, grid, in_specs, out_specs, out_shape, interpret):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=interpret,
                           compiler_params=plt.CompilerParams(num_warps=4, num_stages=2))  # GPU: Triton
@@ -215,10 +216,10 @@ def _forward(x: _Padded, interpret: bool):
     nq, nk = x.visible.shape[1:]
     group = H // x.k.shape[2]
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=False)
-    kernel = functools.partial(_fwd_kernel, kv_block=x.kv_block, scale=1.0 / float(D) ** 0.5)
+    kernel = functools.partial(fwd_kernel, kv_block=x.kv_block, scale=1.0 / float(D) ** 0.5)
     (lo1, hi1), (lo2, hi2) = x.ranges
     span = pl.BlockSpec((1, 1), lambda b, h, i: (b, i))
-    return _call(kernel, (B, H, nq),
+    return call(kernel, (B, H, nq),
                  [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), span, span, q_spec, kv_spec, kv_spec, key_row, key_row,
                   query_row, query_row, query_row, query_row],
                  [q_spec, pl.BlockSpec((1, 1, x.q_block), lambda b, h, i: (b, h, i))],
@@ -240,7 +241,7 @@ def _backward(x: _Padded, out, lse, d_out, interpret: bool):
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=True)
     stat = pl.BlockSpec((1, 1, Lp), lambda b, h, i: (b, h, 0))
     per_head_kv = pl.BlockSpec((1, x.kv_block, 1, D), lambda b, h, i: (b, i, h, 0))
-    dk, dv = _call(functools.partial(_dkv_kernel, q_block=x.q_block, scale=scale), (B, H, nk),
+    dk, dv = call(functools.partial(_dkv_kernel, q_block=x.q_block, scale=scale), (B, H, nk),
                    [pl.BlockSpec((1, nq, 1), lambda b, h, i: (b, 0, i)), span, span, q_spec, kv_spec, kv_spec, q_spec,
                     stat, stat,
                     key_row, key_row, query_row, query_row, query_row, query_row],
@@ -248,7 +249,7 @@ def _backward(x: _Padded, out, lse, d_out, interpret: bool):
                    interpret)(x.visible, *tile_span(x.visible, 1), *args)
     q_spec, kv_spec, key_row, query_row = _specs(x, group, by_key_tile=False)
     stat = pl.BlockSpec((1, 1, x.q_block), lambda b, h, i: (b, h, i))
-    dq = _call(functools.partial(_dq_kernel, kv_block=x.kv_block, scale=scale), (B, H, nq),
+    dq = call(functools.partial(_dq_kernel, kv_block=x.kv_block, scale=scale), (B, H, nq),
                [pl.BlockSpec((1, 1, nk), lambda b, h, i: (b, i, 0)), span, span, q_spec, kv_spec, kv_spec, q_spec,
                 stat, stat,
                 key_row, key_row, query_row, query_row, query_row, query_row],
@@ -274,7 +275,7 @@ def _fwd(q, k, v, ranges, kv_idx, kv_valid, q_block, kv_block, interpret):
 def _bwd(q_block, kv_block, interpret, saved, d_out):
     q, k, v, ranges, kv_idx, kv_valid, out, lse = saved
     x = _pad(q, k, v, ranges, kv_idx, kv_valid, q_block, kv_block)
-    dq, dk, dv = _backward(x, out, lse, _pad_to(d_out, 1, x.q_block), interpret)
+    dq, dk, dv = _backward(x, out, lse, pad_to(d_out, 1, x.q_block), interpret)
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), (ranges, kv_idx, kv_valid))
     L, S = q.shape[1], k.shape[1]
     return (dq[:, :L].astype(q.dtype), dk[:, :S].astype(k.dtype), dv[:, :S].astype(v.dtype), *zeros)

@@ -66,7 +66,9 @@ def test_verify_draft_rows_see_the_cache_and_their_outcome():
 def test_bad_door_input():
     q, k, v = qkv()
     idx = dict(q_idx_BL=jnp.zeros((B, L), jnp.int32), kv_idx_BS=jnp.zeros((B, S), jnp.int32))
-    with pytest.raises(ConfigError, match="impl='splash'"):
-        attention(q, k, v, layouts.causal(), impl="splash", **idx)
+    with pytest.raises(ConfigError, match="impl='flash'; available: auto, xla, pallas, cudnn, splash"):
+        attention(q, k, v, layouts.causal(), impl="flash", **idx)
+    with pytest.raises(ConfigError, match="impl='cudnn' cannot run on the 'cpu' backend"):
+        attention(q, k, v, layouts.causal(), impl="cudnn", **idx)
     with pytest.raises(ConfigError, match="needs split"):
         attention(q, k, v, layouts.verify_draft(2), **idx)

@@ -2,6 +2,7 @@
 range layout, GQA, uneven tiles, cache-slot coordinates with partial per-row fills, tile
 skipping that never drops a visible key, gradients, CUDA lowering and the model's tokens."""
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,9 @@ def door(impl, q, k, v, layout, **kw):
 
 
 def small_tiles(monkeypatch):
-    """The door with 8x8 tiles (its default is 64: one tile at these sizes)."""
+    """The door with 8x8 tiles (its default is 64: one tile at these sizes), for the flash and
+    the chunk-over-cache kernels."""
+    monkeypatch.setattr(sys.modules["jaxgen.attention"], "CHUNK_KV_BLOCK", TILE)
     call = pallas_flash.flash_attention
     monkeypatch.setattr(pallas_flash, "flash_attention",
                         lambda q, k, v, r, i, m, qb, kb, interp: call(q, k, v, r, i, m, TILE, TILE, interp))
