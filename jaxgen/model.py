@@ -189,7 +189,7 @@ def _layout_idx(layout, layout_idx_BL, positions_BL):
 
 
 def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, return_hidden: bool = False,
-            kv_valid_BL=None, out_rows: tuple | None = None, layout_idx_BL=None, split_B=None):
+            kv_valid_BL=None, out_rows: tuple | None = None, layout_idx_BL=None, split_B=None, inputs_BLE=None):
     """Run the decoder. Returns (logits [B, L, V] float32 — or hidden states [B, L, E] — , cache).
 
     positions: RoPE positions [B, L] (default: 0..L-1, or each row's next slots with a cache).
@@ -205,9 +205,11 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
       two-stream layouts). With a cache they must be the chunk's slots: a chunk fed out of
       position order (WeDLM's reordered window, TiDAR's step) passes its slots here.
     split_B: the per-row boundary a per-row layout reads (`layout.per_row`; scalar or [B]).
+    inputs_BLE: input vectors fed instead of token embeddings (tokens_BL=None): continuous-token
+      models (`jaxgen.flow.continuous_ar`) project their tokens into the backbone themselves.
     """
     layout = layouts_lib.causal() if layout is None else layout
-    B, L = tokens_BL.shape
+    B, L = _input_shape(tokens_BL, inputs_BLE, cfg)
     if layout.two_stream and cache is not None:
         raise JaxgenError(f"the {layout.kind} layout is a training layout and takes no KV cache")
     positions = default_positions(cache, B, L) if positions is None else jnp.asarray(positions, jnp.int32)
@@ -233,7 +235,7 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         return x + _mlp(lp, h), (k_buf, v_buf)
 
-    x = params["embed"].astype(dtype)[tokens_BL]
+    x = params["embed"].astype(dtype)[tokens_BL] if inputs_BLE is None else inputs_BLE.astype(dtype)
     if cache is not None and not isinstance(params["layers"], (list, tuple)):
         x, new_k, new_v = _scan_with_cache(layer, x, params["layers"], cache_lib.access(cache).cache)
         new_cache = cache_lib.written(cache, new_k, new_v, L)
@@ -249,6 +251,19 @@ def forward(params, cfg, tokens_BL, positions=None, layout=None, cache=None, *, 
     if return_hidden:
         return x, new_cache
     return logits_from_hidden(params, cfg, x), new_cache
+
+
+def _input_shape(tokens_BL, inputs_BLE, cfg) -> tuple[int, int]:
+    """(B, L) of the chunk: token ids, or input vectors of the model's width (one of the two)."""
+    if (tokens_BL is None) == (inputs_BLE is None):
+        raise JaxgenError("pass either tokens_BL or inputs_BLE (input vectors instead of token embeddings), "
+                          "not both or neither")
+    if inputs_BLE is None:
+        return tokens_BL.shape
+    if inputs_BLE.ndim != 3 or inputs_BLE.shape[-1] != cfg.hidden_size:
+        raise JaxgenError(f"inputs_BLE has shape {tuple(inputs_BLE.shape)}; expected [B, L, {cfg.hidden_size}] "
+                          "(the model's hidden_size)")
+    return inputs_BLE.shape[:2]
 
 
 def _scan_with_cache(layer, x, layers, cache):

@@ -203,3 +203,15 @@ def test_out_rows_equal_a_slice_of_all_rows(with_cache, tiny_cfg, tiny_params):
     rows = jax.jit(lambda p, t, s: model.forward(p, tiny_cfg, t, layout=layout, out_rows=(s, 3), **kw)[0])
     for params in (tiny_params, model.unstack_layers(tiny_params)):
         np.testing.assert_allclose(rows(params, tokens, 2), every[:, 2:5], rtol=2e-5, atol=5e-5)
+
+
+def test_input_vectors_instead_of_tokens(tiny_cfg, tiny_params):
+    """`inputs_BLE` (continuous-token models) feeds vectors where token embeddings would go."""
+    tokens = jnp.array([[1, 5, 7, 2]])
+    want, _ = model.forward(tiny_params, tiny_cfg, tokens)
+    got, _ = model.forward(tiny_params, tiny_cfg, None, inputs_BLE=tiny_params["embed"][tokens])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(JaxgenError, match="either tokens_BL or inputs_BLE"):
+        model.forward(tiny_params, tiny_cfg, tokens, inputs_BLE=tiny_params["embed"][tokens])
+    with pytest.raises(JaxgenError, match=r"expected \[B, L, 32\]"):
+        model.forward(tiny_params, tiny_cfg, None, inputs_BLE=jnp.zeros((1, 4, 3)))
