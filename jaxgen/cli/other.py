@@ -5,10 +5,21 @@ from jaxgen import demo
 from jaxgen.bench import ar as bench_ar
 from jaxgen.bench import attention as bench_attention
 from jaxgen.bench import dlm as bench_dlm
+from jaxgen.bench import train as bench_train
+from jaxgen.errors import ConfigError
+
+BENCHES = {"ar": bench_ar, "dlm": bench_dlm, "attention": bench_attention, "train": bench_train}
+TRAIN_ONLY = ("preset", "seq_len", "objective", "attention_impl", "peak_tflops")
 
 
 def run_bench(args):
-    {"ar": bench_ar, "dlm": bench_dlm, "attention": bench_attention}[args.what].main(args)
+    if args.what != "train":  # the train bench's flags and key=value overrides mean nothing to the others
+        given = [f"--{name.replace('_', '-')}" for name in TRAIN_ONLY if getattr(args, name) is not None]
+        if given or args.overrides:
+            raise ConfigError(f"{', '.join(given + list(args.overrides))}: only `jaxgen bench train` reads these")
+        if args.batch is None:
+            args.batch = 1
+    BENCHES[args.what].main(args)
 
 
 def run_demo(args):
@@ -19,18 +30,30 @@ def run_demo(args):
 
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    b.add_argument("what", choices=("ar", "dlm", "attention"), help="ar: vs HF generate; dlm: LLaDA vs two "
+    b.add_argument("what", choices=tuple(BENCHES), help="ar: vs HF generate; dlm: LLaDA vs two "
                    "PyTorch loops (as written and equal work), and each Fast-dLLM mode vs no cache; attention: "
-                   "the door's xla / pallas (/ cudnn on GPU) per layout, fwd and fwd+bwd, and the cache path")
+                   "the door's xla / pallas (/ cudnn on GPU) per layout, fwd and fwd+bwd, and the cache path; "
+                   "train: tokens/s and MFU of the train step of a preset per attention impl (key=value overrides "
+                   "any config field or objective option)")
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--new-tokens", type=int, default=128, help="ar only")
     b.add_argument("--batches", default="1,8", help="ar only")
     b.add_argument("--gen-length", type=int, default=256, help="dlm only")
     b.add_argument("--block-length", type=int, default=32, help="dlm only")
-    b.add_argument("--steps", type=int, default=0, help="dlm only (default: gen-length)")
-    b.add_argument("--batch", type=int, default=1, help="dlm only")
-    b.add_argument("--repeats", type=int, default=None, help="timed rounds (default: ar 5, dlm 3)")
+    b.add_argument("--steps", type=int, default=0, help="dlm: denoising steps (default: gen-length); train: "
+                   "steps per timed round (default: 5 on CPU, 10 on an accelerator)")
+    b.add_argument("--batch", type=int, default=None, help="dlm (default 1); train (default: 8)")
+    b.add_argument("--repeats", type=int, default=None, help="timed rounds (default: ar 5, dlm 3, train 3 on CPU, "
+                   "5 on an accelerator)")
+    b.add_argument("--preset", help="train only (default: tiny on CPU, base-125m on an accelerator)")
+    b.add_argument("--seq-len", type=int, help="train only (default: 128 on CPU, 1024 on an accelerator)")
+    b.add_argument("--objective", help=f"train only: {', '.join(bench_train.OBJECTIVES)} (default: ar)")
+    b.add_argument("--attention-impl", help="train only: comma-separated attention impls side by side "
+                   "(default: xla on CPU, xla,pallas on an accelerator)")
+    b.add_argument("--peak-tflops", type=float, help="train only: peak TFLOP/s per device for MFU (default: "
+                   "the bf16 table for a known accelerator, else a matmul measured in the run)")
     b.add_argument("--json", help="also write the results here")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="train only: config fields, objective options")
     b.set_defaults(fn=run_bench)
 
     d = sub.add_parser("demo", help="train and sample AR, masked- and block-diffusion models (offline)")

@@ -1,5 +1,5 @@
 """`jaxgen bench attention` on CPU: toy shapes, every implementation and layout timed, forward
-and backward, plus the cache path; the table and JSON carry them all."""
+and backward, the cache path and a decode step; the table and JSON carry them all."""
 import json
 
 from jaxgen import cli
@@ -14,4 +14,8 @@ def test_bench_attention_reports_every_impl_layout_and_cache_case(tmp_path, caps
         (layout, impl) for layout in ("causal", "block_causal(32)", "dual_stream(32)") for impl in ("xla", "pallas")}
     assert all(row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 for row in r["dense"])
     assert {(row["chunk"], row["impl"]) for row in r["cache"]} == {(c, i) for c in (1, 8, 32) for i in ("xla", "pallas")}
-    assert "GB/s filled" in capsys.readouterr().out
+    assert all(row["pct_hbm"] is None for row in r["cache"])  # no published bandwidth for a CPU
+    (decode,) = r["decode"]  # CPU: the tiny preset, XLA only
+    assert decode["impl"] == "xla" and decode["ms_per_step"] > 0 and decode["pct_of_floor"] is None
+    printed = capsys.readouterr().out
+    assert "GB/s filled" in printed and "AR decode step" in printed
