@@ -9,7 +9,8 @@ skip or mask tiles in-kernel. Implementations behind it, each tested against
 - `"pallas"`: block-sparse flash attention (`pallas_flash`, forward and backward kernels; every
   layout but `tree`), and for a short chunk over a longer cache the chunk-over-cache kernel
   (`pallas_chunk`: GQA heads packed, filled tiles only, split-K). Interpret mode on a CPU
-  backend (`interpret=None`), compiled (Triton) on GPU;
+  backend (`interpret=None`), compiled (Triton) on GPU; on TPU the chunk-over-cache kernel only
+  (`pallas_tpu_chunk`, Mosaic: scalar-prefetched filled span, unfilled tiles never fetched);
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs: no mask for
   a causal or full layout over static 0..T-1 coordinates, else the layout's dense mask;
 - `"splash"`: jax's TPU splash attention (`splash`) with a static block-sparse mask built from
@@ -96,9 +97,8 @@ def _pallas(q_BLHD, k_BSKD, v_BSKD, layout, q_idx_BL, kv_idx_BS, kv_valid_BS, sp
     if layout.kind in PALLAS_LAYOUTS_EXCLUDED:
         raise ConfigError(f"attention impl='pallas' cannot serve the {layout.kind!r} layout (its rule is an "
                           "ancestor table, not key ranges); use impl='xla' or 'auto'")
-    if not interpret:
-        refuse_platform("pallas", ("tpu",), "the compiled Pallas kernels target GPUs (Triton); on TPU use "
-                       "impl='splash' for training layouts, else 'xla' or 'auto'")
+    on_tpu = not interpret and jax.default_backend() == "tpu"
+    if not interpret and not on_tpu:
         check_compiled_shapes(q_BLHD, k_BSKD)
     B, L = q_BLHD.shape[:2]
     S = k_BSKD.shape[1]
@@ -106,9 +106,24 @@ def _pallas(q_BLHD, k_BSKD, v_BSKD, layout, q_idx_BL, kv_idx_BS, kv_valid_BS, sp
     ranges = tuple(tuple(jnp.broadcast_to(a, (B, L)).astype(jnp.int32) for a in pair) for pair in ranges)
     valid = jnp.ones((B, S), bool) if kv_valid_BS is None else jnp.broadcast_to(kv_valid_BS, (B, S))
     kv_idx = jnp.broadcast_to(kv_idx_BS, (B, S))
+    if on_tpu:
+        return _pallas_tpu(q_BLHD, k_BSKD, v_BSKD, ranges, kv_idx, valid)
     if pallas_chunk.serves(L, S):
         return pallas_chunk.chunk_attention(q_BLHD, k_BSKD, v_BSKD, ranges, kv_idx, valid, CHUNK_KV_BLOCK, interpret)
     return pallas_flash.flash_attention(q_BLHD, k_BSKD, v_BSKD, ranges, kv_idx, valid, 64, 64, interpret)
+
+
+def _pallas_tpu(q_BLHD, k_BSKD, v_BSKD, ranges, kv_idx_BS, kv_valid_BS):
+    """Compiled Pallas on TPU: the chunk-over-cache kernel (Mosaic) for a short chunk over a longer
+    cache; longer sequences take splash (static coordinates) or xla."""
+    from jaxgen.attention import pallas_tpu_chunk
+    L, S = q_BLHD.shape[1], k_BSKD.shape[1]
+    if not pallas_tpu_chunk.serves(L, S):
+        raise ConfigError(f"attention impl='pallas' on TPU serves a chunk of <= {pallas_chunk.MAX_QUERIES} queries "
+                          f"over a longer cache, got {L} queries over {S} keys; use impl='splash' (training "
+                          "forwards, static coordinates), 'xla' or 'auto'")
+    kv_block = pallas_tpu_chunk.pick_kv_block(q_BLHD, k_BSKD)
+    return pallas_tpu_chunk.chunk_attention_tpu(q_BLHD, k_BSKD, v_BSKD, ranges, kv_idx_BS, kv_valid_BS, kv_block)
 
 
 def _cudnn(q_BLHD, k_BSKD, v_BSKD, layout, q_idx_BL, kv_idx_BS, kv_valid_BS, split_B, seq_len,
