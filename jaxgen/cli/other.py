@@ -5,10 +5,11 @@ from jaxgen import demo
 from jaxgen.bench import ar as bench_ar
 from jaxgen.bench import attention as bench_attention
 from jaxgen.bench import dlm as bench_dlm
+from jaxgen.bench import flow as bench_flow
 from jaxgen.bench import train as bench_train
 from jaxgen.errors import ConfigError
 
-BENCHES = {"ar": bench_ar, "dlm": bench_dlm, "attention": bench_attention, "train": bench_train}
+BENCHES = {"ar": bench_ar, "dlm": bench_dlm, "attention": bench_attention, "train": bench_train, "flow": bench_flow}
 TRAIN_ONLY = ("preset", "seq_len", "objective", "attention_impl", "peak_tflops")
 
 
@@ -34,7 +35,8 @@ def add_parsers(sub) -> None:
                    "PyTorch loops (as written and equal work), and each Fast-dLLM mode vs no cache; attention: "
                    "the door's xla / pallas (/ cudnn on GPU) per layout, fwd and fwd+bwd, and the cache path; "
                    "train: tokens/s and MFU of the train step of a preset per attention impl (key=value overrides "
-                   "any config field or objective option)")
+                   "any config field or objective option); flow: jitted jaxgen.flow.solve vs the reference flow_matching "
+                   "ODESolver (torchdiffeq) on the same velocity MLP, per method")
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--new-tokens", type=int, default=128, help="ar only")
     b.add_argument("--batches", default="1,8", help="ar only")
@@ -54,6 +56,7 @@ def add_parsers(sub) -> None:
                    "the bf16 table for a known accelerator, else a matmul measured in the run)")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="train only: config fields, objective options")
+    bench_flow.add_arguments(b)
     b.set_defaults(fn=run_bench)
 
     d = sub.add_parser("demo", help="train and sample AR, masked- and block-diffusion models (offline)")
