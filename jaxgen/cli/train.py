@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from jaxgen import config, data, hf, objectives, parallel
-from jaxgen.objectives.registry import FILTER
-from jaxgen.training import filter_fit, loop, runs, vocab
+from jaxgen.objectives.registry import FILTER, LM
+from jaxgen.training import families, filter_fit, loop, runs, vocab
 
 
 def run_train(args):
@@ -24,16 +24,43 @@ def run_train(args):
               f"{m['test_positive_rate']:.3f}, over {m['records']} step records; "
               f"saved to {args.out} (load with jaxgen.samplers.learn2pd.load_filter)")
         return
+    family = families.of_objective(train_cfg.objective)
+    if family.name != LM:  # continuous data: the family builds its model from the options (and model keys)
+        refuse_unread_by_family(family, train_cfg.objective, overrides)
+        spec = family.spec(model_cfg if family.reads_model_config else None, train_cfg)
+        result = loop.train(spec, train_cfg, args.out, fresh=args.fresh, extend=args.extend)
+        report(result, args.out, f" (load with jaxgen.training.runs.load_run(out, family={family.name!r}))")
+        return
     tokenizer = data.get_tokenizer(train_cfg.tokenizer)
     explicit = {key.removeprefix("model.") for key, _ in config.override_items(overrides)} & set(vocab.VOCAB_FIELDS)
     model_cfg = vocab.model_for_tokenizer(model_cfg, train_cfg, tokenizer, explicit)  # vocab and ids follow it
     result = loop.train(model_cfg, train_cfg, args.out, tokenizer=tokenizer, fresh=args.fresh, extend=args.extend)
+    report(result, args.out)
+
+
+def report(result, out, note: str = "") -> None:
+    """The last logged step's loss (and eval loss) and where the run is; process 0 only."""
     if not parallel.is_main():  # process 0 wrote metrics.jsonl and reports
         return
     last = loop.read_metrics(result["metrics_path"])[-1]
     print(f"step {last['step']}: loss {last['loss']:.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
-          + f"; checkpoints and metrics.jsonl in {args.out}")
+          + f"; checkpoints and metrics.jsonl in {out}{note}")
+
+
+_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(config.ModelConfig))
+
+
+def refuse_unread_by_family(family, objective: str, overrides) -> None:
+    """Refuse keys a non-language-model family never reads (model keys of a family that builds its
+    own model; token-data keys) rather than drop them."""
+    keys = [key.removeprefix("model.").removeprefix("train.") for key, _ in config.override_items(overrides)]
+    unread = [k for k in keys if (k in _MODEL_KEYS and not family.reads_model_config) or k in family.unread_keys]
+    if unread:
+        model = "its backbone takes the model keys" if family.reads_model_config else "builds its net from its options"
+        raise config.ConfigError(f"objective {objective} ({family.name} family) does not read "
+                                 f"{', '.join(dict.fromkeys(unread))}: it trains on a continuous dataset= and {model} "
+                                 f"({', '.join(objectives.get(objective).option_names())}); drop them")
 
 
 FILTER_FIT_READS = {"objective", "steps", "seed", "seq_len", "batch_size", "lr", "weight_decay", "tokenizer",
@@ -54,15 +81,16 @@ def refuse_unread_by_filter_fit(args, overrides) -> None:
 
 
 def run_eval(args):
-    cfg, tcfg, params = runs.load_run(args.run)
+    cfg, tcfg, params = runs.load_run(args.run, family=None)
     tcfg = dataclasses.replace(tcfg, eval_batches=args.batches)
-    tokenizer = data.get_tokenizer(tcfg.tokenizer)
-    _, val_rows = data.corpus(tcfg, tokenizer)
+    family = families.of_spec(cfg)
+    prepared = family.prepare(cfg, tcfg, None, have_data=False)  # a language model's tokenizer
+    _, val_rows = family.data(cfg, tcfg, prepared)
     mesh = parallel.make_mesh("")
-    loss = loop.evaluate(loop.make_eval_step(cfg, tcfg), params, val_rows, tcfg,
-                         parallel.batch_sharding(mesh, tcfg.rules, tcfg.batch_size))
-    bpb = loop.bits_per_byte(loss) if tokenizer.name == "bytes" else None
-    print(f"{tcfg.objective} eval loss {loss:.4f} nats/token" + (f", {bpb:.4f} bits/byte" if bpb else ""))
+    loss = loop.evaluate(loop.make_eval_step(cfg, tcfg), params, val_rows, tcfg, family.batch_sharding(cfg, mesh, tcfg))
+    bpb = loop.bits_per_byte(loss) if getattr(prepared, "name", None) == "bytes" else None
+    print(f"{tcfg.objective} eval loss {loss:.4f}" + (" nats/token" if family.unit == "tokens" else "")
+          + (f", {bpb:.4f} bits/byte" if bpb else ""))
 
 
 def run_convert(args):
@@ -73,7 +101,8 @@ def run_convert(args):
 
 def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="train (or resume) a model; key=value overrides any config field or "
-                       "objective option")
+                       "objective option (continuous objectives, e.g. flow_matching, take dataset= a "
+                       "jaxgen.data.continuous data set: digits or a 2-D toy)")
     t.add_argument("--preset", default="tiny")
     t.add_argument("--objective", choices=objectives.names(),
                    help="options (key=value): " + "; ".join(

@@ -11,16 +11,20 @@ from jaxgen.objectives.options import Options
 
 MODEL = "model"  # trains the language model through `loss`
 FILTER = "filter"  # trains a decoding filter (Learn2PD): `jaxgen train` hands it to jaxgen.training.filter_fit
+LM = "lm"  # the default family: the backbone language model on token batches
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A registered objective: `loss(params, cfg, batch, key, **options.loss_kwargs())`."""
+    """A registered objective: `loss(params, cfg, batch, key, **options.loss_kwargs())`. `family`
+    names what the train loop trains with it (`jaxgen.training.families`: the model, its data and
+    checks); `cfg` is that family's static model description (a ModelConfig for "lm")."""
 
     name: str
     loss: Callable | None
     Options: type
     trains: str = MODEL
+    family: str = LM
 
     def bind(self, options: Options) -> Callable:
         """The loss with its options bound: loss(params, cfg, batch, key) -> (value, metrics)."""
@@ -36,8 +40,10 @@ class Objective:
 _REGISTRY: dict[str, Objective] = {}
 
 
-def register(name: str, loss_fn: Callable | None, options_cls: type, *, trains: str = MODEL) -> Objective:
-    """Register objective `name`; `options_cls` is a frozen `Options` dataclass of its knobs."""
+def register(name: str, loss_fn: Callable | None, options_cls: type, *, trains: str = MODEL,
+             family: str = LM) -> Objective:
+    """Register objective `name`; `options_cls` is a frozen `Options` dataclass of its knobs;
+    `family` a name in `jaxgen.training.families` (checked when a run starts)."""
     if not (isinstance(options_cls, type) and issubclass(options_cls, Options)
             and dataclasses.is_dataclass(options_cls) and options_cls.__dataclass_params__.frozen):
         raise TypeError(f"objective {name!r}: options must be a frozen dataclass subclassing Options, "
@@ -48,7 +54,9 @@ def register(name: str, loss_fn: Callable | None, options_cls: type, *, trains: 
     if previous is not None and previous.Options.__qualname__ != options_cls.__qualname__:
         raise ValueError(f"objective {name!r} is already registered (options {previous.Options.__qualname__}); "
                          "pick another name")
-    _REGISTRY[name] = Objective(name, loss_fn, options_cls, trains)
+    if not isinstance(family, str) or not family:
+        raise ValueError(f"objective {name!r}: family={family!r} must be a family name (jaxgen.training.families)")
+    _REGISTRY[name] = Objective(name, loss_fn, options_cls, trains, family)
     return _REGISTRY[name]
 
 

@@ -1,6 +1,11 @@
 """The resumable train loop: a pure jitted train_step with shardings, eval, metrics, checkpoints.
 
-The loop is deterministic in (seed, step): batch `step` comes from `Batches.at(step)` and the
+One loop for every paradigm: what a run trains (the model description `cfg`, its init and
+shardings, its data and checks, what run_config.json records) comes from the objective's family
+(`families`: a language model on token rows, a velocity net on continuous data, ...); the loss
+is the objective's `loss(params, cfg, batch, key)`.
+
+The loop is deterministic in (seed, step): batch `step` comes from `batches.at(step)` and the
 step's key is fold_in(train_key, step), so a stopped and resumed run ends bit-for-bit where an
 uninterrupted run ends. A curriculum (the objective's `options.at_step`) compiles one step per
 stage. Compiled functions are shared by the `train` calls of one process that agree on what they
@@ -25,9 +30,8 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxgen import config as config_lib
-from jaxgen import data as data_lib
 from jaxgen import objectives, parallel
-from jaxgen.training import vocab
+from jaxgen.training import families
 from jaxgen.training.checkpoint import Checkpointer
 from jaxgen.training.guards import NonFinite, check_resume, extension_note
 from jaxgen.training.runs import params_from_run, write_run_config
@@ -67,7 +71,8 @@ def _shared(key, build):
 
 def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, loss_fn=None):
     """jit(step)(state, batch, key) -> (state, metrics), with gradient accumulation over
-    `tcfg.grad_accum` micro-batches; `loss_fn` defaults to tcfg's objective loss."""
+    `tcfg.grad_accum` micro-batches; `loss_fn` defaults to tcfg's objective loss. `cfg` is the
+    model description the loss receives; `batch_shard` one sharding or a tree matching the batch."""
     loss_fn = loss_fn or objectives.loss_for(tcfg)
     accum = tcfg.grad_accum
 
@@ -96,7 +101,7 @@ def make_train_step(cfg, tcfg, optimizer, shardings, batch_shard, loss_fn=None):
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    rep = parallel.replicated(batch_shard.mesh)
+    rep = parallel.replicated(jax.tree.leaves(batch_shard)[0].mesh)  # one sharding, or one per batch leaf
     return jax.jit(step, in_shardings=(shardings, batch_shard, rep), out_shardings=(shardings, rep),
                    donate_argnums=(0,))
 
@@ -110,16 +115,29 @@ def make_eval_step(cfg, tcfg):
     return _shared(("eval", cfg, objectives.get(tcfg.objective).loss, tcfg.objective_options), build)
 
 
+def _val_batch(val_rows, start: int, bs: int) -> dict:
+    """Validation rows [start, start + bs) as a batch (repeated to bs when too few): token rows
+    [N, L] become {"tokens": ...}; a mapping of arrays (continuous data) is sliced leaf by leaf."""
+    def take(rows):
+        rows = rows[start:start + bs]
+        return np.resize(rows, (bs,) + rows.shape[1:]) if len(rows) < bs else rows
+    if isinstance(val_rows, dict):
+        return {k: take(v) for k, v in val_rows.items()}
+    return {"tokens": take(val_rows)}
+
+
+def _num_rows(val_rows) -> int:
+    return len(next(iter(val_rows.values()))) if isinstance(val_rows, dict) else len(val_rows)
+
+
 def evaluate(eval_step, params, val_rows, tcfg, batch_shard) -> float:
-    """Mean loss over `eval_batches` fixed validation batches with fixed keys (comparable across runs)."""
+    """Mean loss over `eval_batches` fixed validation batches with fixed keys (comparable across
+    runs); `val_rows` is token rows [N, L] or a mapping of [N, ...] arrays (continuous data)."""
     bs = tcfg.batch_size
-    n = min(tcfg.eval_batches, max(1, len(val_rows) // bs))
+    n = min(tcfg.eval_batches, max(1, _num_rows(val_rows) // bs))
     losses = []
     for i in range(n):
-        rows = val_rows[i * bs:(i + 1) * bs]
-        if len(rows) < bs:
-            rows = np.resize(rows, (bs,) + rows.shape[1:])
-        batch = parallel.put_batch({"tokens": rows}, batch_shard)
+        batch = parallel.put_batch(_val_batch(val_rows, i * bs, bs), batch_shard)
         losses.append(float(eval_step(params, batch, jax.random.key(10_000 + i))["loss"]))
     return float(np.mean(losses))
 
@@ -161,35 +179,40 @@ def _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh):
 
 def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, mesh=None, fresh: bool = False,
           extend: bool = False, stop_after: int | None = None, desc: str | None = None) -> dict:
-    """Train (or resume) into `out_dir`. Returns {"state", "eval_loss", "metrics_path", ...}.
+    """Train (or resume) into `out_dir`. Returns {"state", "eval_loss", "metrics_path", "out",
+    f"{unit}_per_step"} (unit: "tokens" for language models, "samples" for continuous data).
 
-    A folder holding checkpoints resumes only under the train config it was started with
-    (`guards.check_resume`): `fresh` discards it, `extend` lets a grown `steps` continue it. The
-    model config must agree with the tokenizer (`vocab.check_model`; `vocab.model_for_tokenizer`
-    derives one) and the corpus ids with the model. A non-finite loss stops the run with an error
-    before it is checkpointed. `stop_after` ends the loop early at that step (after
-    checkpointing), as an interruption would.
+    `cfg` is the model description of the objective's family (`families`): a ModelConfig for
+    language models; None builds it for families that derive it from the objective's options and
+    the data (flow matching's velocity net). `batches` / `val_rows` default to the family's data
+    for tcfg (the tfds corpus; a continuous data set). A folder holding checkpoints resumes only
+    under the train config it was started with (`guards.check_resume`): `fresh` discards it,
+    `extend` lets a grown `steps` continue it. A language model's config must agree with the
+    tokenizer (`vocab.check_model`; `vocab.model_for_tokenizer` derives one) and the corpus ids
+    with the model. A non-finite loss stops the run with an error before it is checkpointed.
+    `stop_after` ends the loop early at that step (after checkpointing), as an interruption would.
     """
     options = objectives.options_of(tcfg)  # refuse bad objective options before touching out_dir
-    if batches is None or tokenizer is not None:
-        tokenizer = tokenizer or data_lib.get_tokenizer(tcfg.tokenizer)
-        vocab.check_model(cfg, tcfg, tokenizer)
+    family, cfg = families.for_run(cfg, tcfg)
+    prepared = family.prepare(cfg, tcfg, tokenizer, have_data=batches is not None)
     out = pathlib.Path(out_dir)
     _prepare_out(out, fresh)
     extensions, extension = check_resume(out, tcfg, extend=extend)
     write_run_config(out, cfg, tcfg, extensions)
     if batches is None:
-        batches, val_rows = data_lib.corpus(tcfg, tokenizer)
-    vocab.check_rows(cfg, tcfg, batches.rows, "train corpus")
-    if val_rows is not None:
-        vocab.check_rows(cfg, tcfg, val_rows, "validation corpus")
+        batches, val_rows = family.data(cfg, tcfg, prepared)
+    family.check_data(cfg, tcfg, batches, val_rows)
     mesh = mesh or parallel.make_mesh(tcfg.mesh)
     optimizer, schedule = make_optimizer(tcfg)
     shardings = state_shardings(cfg, tcfg, mesh, optimizer)
-    batch_shard = parallel.batch_sharding(mesh, tcfg.rules, tcfg.batch_size)
+    batch_shard = family.batch_sharding(cfg, mesh, tcfg)
     init_key, train_key = jax.random.split(jax.random.key(tcfg.seed))
     ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep_checkpoints)
-    state = _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh)
+    try:
+        state = _start_state(cfg, tcfg, out, ckpt, optimizer, shardings, init_key, mesh)
+    except BaseException:  # a checkpoint that cannot be restored: release orbax's manager before raising
+        ckpt.close()
+        raise
     if extension and parallel.is_main():
         print(extension_note(out, extension, schedule), flush=True)
 
@@ -203,7 +226,7 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
     start, end = int(state.step), tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
     guard, last_saved = NonFinite(start), start or None  # a nonzero start step is a restored checkpoint
     metrics_path = out / "metrics.jsonl"
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    per_step, throughput = family.per_step(cfg, tcfg), f"{family.unit}_per_s"
     eval_loss = None
     bar = tqdm(total=tcfg.steps, initial=start, disable=not (tcfg.progress and parallel.is_main()),
                desc=desc or tcfg.objective, dynamic_ncols=True, leave=False)
@@ -221,7 +244,7 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - t_last
                 record = {"step": done, "loss": metrics["loss"], "lr": float(schedule(done - 1)),
-                          "grad_norm": metrics["grad_norm"], "tokens_per_s": steps_since * tokens_per_step / elapsed,
+                          "grad_norm": metrics["grad_norm"], throughput: steps_since * per_step / elapsed,
                           **stage.log_fields()}
                 if val_rows is not None and (done % tcfg.eval_every == 0 or is_last):
                     eval_loss = record["eval_loss"] = evaluate(eval_step, state.params, val_rows, tcfg, batch_shard)
@@ -241,7 +264,7 @@ def train(cfg, tcfg, out_dir, *, batches=None, val_rows=None, tokenizer=None, me
     bar.close()
     ckpt.close()
     return {"state": state, "eval_loss": eval_loss, "metrics_path": metrics_path, "out": out,
-            "tokens_per_step": tokens_per_step}
+            f"{family.unit}_per_step": per_step}
 
 
 def read_metrics(path) -> list[dict]:

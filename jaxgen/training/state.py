@@ -1,4 +1,7 @@
-"""The train state (step, params, optimizer state), its optimizer and its shardings."""
+"""The train state (step, params, optimizer state), its optimizer and its shardings.
+
+`cfg` is the run's model description (a ModelConfig, a velocity net's NetSpec, ...): its family
+(`families.of_spec`) says how to initialise and place the params."""
 from __future__ import annotations
 
 import flax.struct
@@ -6,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgen import model, parallel
+from jaxgen import parallel
+from jaxgen.training import families
 
-NO_DECAY = ("norm", "bq", "bk", "bv")
+NO_DECAY = ("norm", "bq", "bk", "bv", "['b']")  # norms and biases (LM names; a velocity net's "b")
 
 
 @flax.struct.dataclass
@@ -35,8 +39,9 @@ def make_optimizer(tcfg):
 
 def state_shardings(cfg, tcfg, mesh, optimizer):
     """Shardings for every leaf of TrainState: params by the rules, moments like their params."""
-    p_shard = parallel.param_shardings(cfg, mesh, tcfg.rules)
-    abstract_params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    family = families.of_spec(cfg)
+    p_shard = family.param_shardings(cfg, mesh, tcfg.rules)
+    abstract_params = jax.eval_shape(lambda: family.init(cfg, jax.random.key(0)))
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     rep = parallel.replicated(mesh)
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
@@ -51,8 +56,10 @@ def state_from_params(params, optimizer, shardings) -> TrainState:
 
 
 def init_state(cfg, optimizer, key, shardings) -> TrainState:
-    """Step 0 of a fresh run: params from `model.init(cfg, key)`."""
+    """Step 0 of a fresh run: params from its family's init (`model.init(cfg, key)` for a ModelConfig)."""
+    init = families.of_spec(cfg).init
+
     def build(key):
-        params = model.init(cfg, key)
+        params = init(cfg, key)
         return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
     return jax.jit(build, out_shardings=shardings)(key) if shardings is not None else build(key)

@@ -10,12 +10,13 @@ from jaxgen.objectives import registry, settings
 
 
 def test_unknown_objective_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown objective 'nope'; use one of ar, block_diffusion, dream"):
+    with pytest.raises(ConfigError, match="unknown objective 'nope'; use one of ar, block_diffusion, continuous_ar, "
+                                          "dream"):
         objectives.get("nope")
     with pytest.raises(ConfigError, match="tidar, wedlm"):
         objectives.options_of(config.TrainConfig(objective="nope"))
     assert {"ar", "masked_diffusion", "block_diffusion", "tidar", "lavida", "nbdiff", "efficient_dlm", "learn2pd",
-            "wedlm", "dream"} == set(objectives.names())
+            "wedlm", "dream", "flow_matching", "continuous_ar"} == set(objectives.names())
 
 
 @pytest.mark.parametrize("objective,options,message", [
