@@ -55,6 +55,20 @@ def _check_grid(time_grid):
                               f"at 0.0, got {g.tolist()}; e.g. time_grid=(1.0, 0.0)")
 
 
+MAX_EXACT_DIM = 1024  # exact divergence: D forward-mode passes per evaluation and a [B, D, D] Jacobian
+
+
+def check_exact_dim(x_1) -> None:
+    """Refuse the exact divergence above MAX_EXACT_DIM dimensions: it costs one Jacobian-vector
+    product per dimension at every function evaluation (and a [B, D, D] Jacobian in memory), so a
+    64x64x3 image would mean 12288 network passes per step; Hutchinson needs one."""
+    dim = int(np.prod(x_1.shape[1:]))
+    if dim > MAX_EXACT_DIM:
+        raise JaxgenError(f"exact_divergence=True on {dim}-dimensional data (above {MAX_EXACT_DIM}) costs {dim} "
+                          "network passes per ODE step; use exact_divergence=False with key=... (Hutchinson's "
+                          "unbiased estimate, one pass)")
+
+
 def log_likelihood(velocity_fn, x_1, log_p0, time_grid=(1.0, 0.0), method: str = "euler", step_size=None, *,
                    exact_divergence: bool = True, key=None, probe=None, probe_dist: str = "rademacher",
                    atol: float = 1e-5, rtol: float = 1e-5, return_intermediates: bool = False):
@@ -71,7 +85,9 @@ def log_likelihood(velocity_fn, x_1, log_p0, time_grid=(1.0, 0.0), method: str =
     solvers.check_time_grid(time_grid, x_1.dtype)
     solvers.check_velocity(velocity_fn, x_1, jnp.asarray(1.0, x_1.dtype))
     args = ()
-    if not exact_divergence:
+    if exact_divergence:
+        check_exact_dim(x_1)
+    else:
         if probe is None:
             if key is None:
                 raise JaxgenError("Hutchinson divergence (exact_divergence=False) needs key=... or probe=...")

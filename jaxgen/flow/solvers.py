@@ -89,7 +89,8 @@ def check_method(method: str) -> str:
 
 
 def check_time_grid(time_grid, dtype=jnp.float32):
-    """time_grid as a 1-D array of `dtype`, refusing fewer than two points or a non-monotone grid."""
+    """time_grid as a 1-D array of `dtype`, refusing fewer than two points, a non-monotone grid or
+    times outside [0, 1] (flow time)."""
     shape = np.shape(time_grid)
     if len(shape) != 1 or shape[0] < 2:
         raise JaxgenError(f"time_grid must be a 1-D sequence of at least two times (start, ..., end), got shape "
@@ -100,6 +101,9 @@ def check_time_grid(time_grid, dtype=jnp.float32):
         if not (np.all(d > 0) or np.all(d < 0)):
             raise JaxgenError(f"time_grid {g.tolist()} must be strictly increasing or strictly decreasing (no "
                               "repeated times); sort it, e.g. (0.0, 0.5, 1.0), or reverse it to integrate backwards")
+        if g.min() < 0.0 or g.max() > 1.0:
+            raise JaxgenError(f"time_grid {g.tolist()} leaves [0, 1], flow time (source at 0, data at 1); rescale "
+                              "it into [0, 1]")
         return jnp.asarray(np.asarray(time_grid, dtype=np.dtype(dtype)))
     return jnp.asarray(time_grid, dtype)
 

@@ -106,3 +106,11 @@ def test_jit_intermediates_and_bad_input(x1):
         log_likelihood(lambda x, t: x.sum(-1), x1, log_normal)
     with pytest.raises(JaxgenError, match="batched"):
         log_likelihood(field, x1[0], log_normal)
+
+
+def test_exact_divergence_is_refused_above_its_documented_dimension():
+    from jaxgen.errors import JaxgenError
+    from jaxgen.flow import likelihood
+    x = jnp.ones((2, likelihood.MAX_EXACT_DIM + 1))
+    with pytest.raises(JaxgenError, match="use exact_divergence=False"):
+        likelihood.log_likelihood(lambda x, t: -x, x, lambda x: -0.5 * (x ** 2).sum(-1))

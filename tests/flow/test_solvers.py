@@ -132,3 +132,10 @@ def test_bad_input(x):
         jax.jit(lambda x, g: solve(field, x, g, "euler", 0.1))(x, jnp.array([0.0, 1.0]))
     with pytest.raises(JaxgenError, match="floating"):
         solve(field, np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("grid", [(0.0, 1.5), (-0.5, 1.0)])
+def test_time_grid_outside_flow_time_is_refused(grid):
+    from jaxgen.errors import JaxgenError
+    with pytest.raises(JaxgenError, match=r"leaves \[0, 1\]"):
+        solve(lambda x, t: -x, jnp.ones((3, 2)), grid)
