@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jaxgen import data, hf, model, parallel
+from jaxgen.cli import sample_continuous
 from jaxgen.errors import ConfigError, JaxgenError, ShardingError
 from jaxgen.samplers import learn2pd
 from jaxgen.samplers import registry as samplers
@@ -71,6 +72,11 @@ def add_parser(sub) -> None:
                    "devices on data; default: one device, or all on data with --distributed)")
     s.add_argument("--rules", choices=tuple(parallel.RULES), help="sharding rules with --mesh (default: the "
                    "run's, fsdp for --hf)")
+    s.add_argument("--method", help="runs on continuous data: the ODE method (euler, midpoint, heun, rk4; "
+                   "default midpoint)")
+    s.add_argument("--label", type=int, help="runs on continuous data: the class to sample (default: unconditional)")
+    s.add_argument("--out", help="runs on continuous data: the .npy file for the samples (default: "
+                   "RUN/samples.npy; a .png picture next to it)")
     s.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host; "
                    "run the same command on every host)")
     for name, takers in sampler_flags().items():
@@ -110,6 +116,19 @@ def _flags_of(options: dict) -> str:
     dash = lambda name: "--" + name.replace("_", "-")
     aliases = [f"{dash(a)} sets {t}" for a in ALIASES if (t := _target(a, options, False)) not in (None, a)]
     return f"its flags: {', '.join(dash(o) for o in options)}" + (f" ({'; '.join(aliases)})" if aliases else "")
+
+
+def run_continuous(args) -> None:
+    """A run on continuous data: its own sampler (`sample_continuous`); token-sampler flags refused."""
+    given = [f"--{name.replace('_', '-')}" for name in sampler_flags() if hasattr(args, name)
+             and name not in sample_continuous.READS]
+    token_only = [flag for flag, value in (("--sampler", args.sampler != "ar"), ("--prompt", args.prompt != "def "),
+                                           ("--filter", args.filter), ("--mesh", args.mesh), ("--hf", args.hf))
+                  if value]
+    if given or token_only:
+        raise ConfigError(f"{', '.join(token_only + given)}: a run on continuous data samples with --batch, --seed, "
+                          "--steps, --method, --cfg-scale, --temperature, --label and --out only")
+    sample_continuous.run(args)
 
 
 def sampler_kwargs(args) -> dict:
@@ -180,6 +199,8 @@ def place_prompt(prompt, mesh, rules):
 
 def run_sample(args):
     parallel.initialize_distributed(args.distributed)  # before anything touches a device (--filter loads)
+    if args.run and sample_continuous.run_family(args.run) != "lm":
+        return run_continuous(args)
     generate = samplers.get(args.sampler)
     kwargs = sampler_kwargs(args)  # bad flags fail before the model loads
     if args.batch < 1:

@@ -71,6 +71,14 @@ def write_run_config(out: pathlib.Path, cfg, tcfg, extensions=()) -> None:
     tmp.replace(path)
 
 
+def read_record(out_dir) -> dict:
+    """The run_config.json record of a `jaxgen train` output folder."""
+    record_path = pathlib.Path(out_dir) / "run_config.json"
+    if not record_path.exists():
+        raise CheckpointError(f"{out_dir} has no run_config.json; pass the --out folder of a jaxgen train run")
+    return read_json(record_path, CheckpointError, "the run folder is damaged")
+
+
 def load_run(out_dir, mesh=None, rules: str | None = None, *, family: str | None = "lm"):
     """(model description, train cfg, params) of the latest checkpoint in a `jaxgen train` output
     folder, on one device, or with a `mesh` restored straight into their shardings by `rules`
@@ -79,9 +87,7 @@ def load_run(out_dir, mesh=None, rules: str | None = None, *, family: str | None
     `jaxgen.flow.solve`), ... or None for any."""
     out = pathlib.Path(out_dir)
     record_path = out / "run_config.json"
-    if not record_path.exists():
-        raise CheckpointError(f"{out} has no run_config.json; pass the --out folder of a jaxgen train run")
-    record = read_json(record_path, CheckpointError, "the run folder is damaged")
+    record = read_record(out)
     tcfg = train_config_from_record(record["train"])
     found, cfg = model_of_record(record, record_path)
     if family is not None and found.name != family:

@@ -66,9 +66,14 @@ def test_cli_trains_flow_matching_and_the_run_samples(tmp_path, data_dir, capsys
     assert float(metrics.mmd2(x1, data)) < 0.2 * float(metrics.mmd2(x0, data))
     assert cli.main(["eval", "--run", out, "--batches", "1"]) == 0
     assert "flow_matching eval loss" in capsys.readouterr().out
-    # the language-model commands refuse it by name
-    assert cli.main(["sample", "--run", out]) == 2
-    assert "holds a flow_matching run (a velocity net (flow matching)" in capsys.readouterr().err
+    # jaxgen sample draws from it (saved .npy + .png); token-sampler flags are refused by name
+    samples = tmp_path / "s" / "moons.npy"
+    assert cli.main(["sample", "--run", out, "--batch", "64", "--steps", "8", "--out", str(samples)]) == 0
+    assert np.load(samples).shape == (64, 2) and samples.with_suffix(".png").exists()
+    assert cli.main(["sample", "--run", out, "--top-k", "3"]) == 2
+    assert "--top-k: a run on continuous data samples with" in capsys.readouterr().err
+    assert cli.main(["sample", "--run", out, "--label", "1"]) == 2
+    assert "--label=1: this run's model is not class-conditional" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="family='flow'"):
         runs.load_run(out)
 
@@ -213,3 +218,15 @@ def test_continuous_ar_trains_through_the_same_loop(tmp_path, data_dir, capsys):
     assert "does not read vocab_size" in capsys.readouterr().err
     assert cli.main(argv + ["block_size=3"]) == 2  # checked against the data's 2 tokens
     assert "seq_len=2 is not a multiple of block_size=3" in capsys.readouterr().err
+    samples = tmp_path / "car.npy"
+    assert cli.main(["sample", "--run", str(out), "--batch", "5", "--steps", "4", "--out", str(samples)]) == 0
+    assert np.load(samples).shape == (5, 2) and np.isfinite(np.load(samples)).all()
+
+
+def test_continuous_ar_tokens_round_trip_to_images():
+    from jaxgen.cli.sample_continuous import from_tokens
+    from jaxgen.training import families
+    images = np.random.RandomState(0).randn(3, 8, 8, 1).astype(np.float32)
+    np.testing.assert_array_equal(from_tokens(families.to_tokens(images), (8, 8, 1)), images)
+    points = np.random.RandomState(1).randn(3, 2).astype(np.float32)
+    np.testing.assert_array_equal(from_tokens(families.to_tokens(points), (2,)), points)
