@@ -242,6 +242,7 @@ def run(out_dir="out/dlm_frontier", preset="tiny", steps=400, gen_length=64, blo
     table = select_decoders(decoders(gen_length, block), only)
     needed = {"ar"} | {m for m, _, _ in table.values()}
     needed |= {"masked_diffusion"} if FILTER in needed else set()
+    objectives.check_options_read(option_overrides, sorted(needed))
     params = train_models(base_model, base_train, out, batches, val_rows, needed - {FILTER},
                           adapt_steps or max(1, steps // 5), option_overrides)
     if FILTER in needed:

@@ -99,6 +99,7 @@ def run(out_dir="out/demo", steps: int = 500, preset: str = "tiny", gen_length: 
     base_train = dataclasses.replace(base_train, steps=steps, eval_every=max(steps // 3, 1), log_every=10,
                                      ckpt_every=steps, data_dir=data_dir, progress=progress)
     config_overrides, option_overrides = objectives.split_overrides(overrides)  # options: per paradigm below
+    objectives.check_options_read(option_overrides, [p["objective"] for p in PARADIGMS.values()])
     base_model, base_train = objectives.apply_overrides(base_model, base_train, config_overrides)
     print("building the python_stdlib corpus (tfds, offline)...", flush=True)
     kw = dict(data_files=base_train.data_files, data_dir=base_train.data_dir, max_files=base_train.max_files)

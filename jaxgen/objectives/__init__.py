@@ -14,5 +14,5 @@ from __future__ import annotations
 from jaxgen.objectives import ar, block_diffusion, flow, learn2pd, masked_diffusion, nbdiff, tidar, wedlm  # noqa: F401
 from jaxgen.objectives.options import Options  # noqa: F401
 from jaxgen.objectives.registry import get, names, register  # noqa: F401
-from jaxgen.objectives.settings import (apply_overrides, build_options, configure, loss_for,  # noqa: F401
-                                        options_of, overrides_for, split_overrides)
+from jaxgen.objectives.settings import (apply_overrides, build_options, check_options_read, configure,  # noqa: F401
+                                        loss_for, options_of, overrides_for, split_overrides)

@@ -119,6 +119,16 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
             [t for t, k in zip(overrides, keys) if _is_option(k)])
 
 
+def check_options_read(option_overrides: Sequence[str], objectives: Sequence[str]) -> None:
+    """Refuse option overrides that none of `objectives` (those a command trains) reads, rather
+    than drop them: e.g. `hidden=3` (a flow_matching option) given to the demo."""
+    keys = [_strip(config_lib.override_items([text])[0][0]) for text in option_overrides]
+    unread = [k for k in keys if not any(_option_key(n, k) for n in objectives)]
+    if unread:
+        raise ConfigError(f"{', '.join(unread)}: no objective this command trains ({', '.join(sorted(objectives))}) "
+                          "reads these options; drop them")
+
+
 def overrides_for(overrides: Sequence[str], objective: str) -> list[str]:
     """The `key=value` strings that apply to `objective`: drops the options of other objectives."""
     return [t for t in overrides

@@ -128,3 +128,12 @@ def test_register_a_new_objective():
         registry._REGISTRY.pop("toy", None)
     with pytest.raises(TypeError, match="frozen dataclass"):
         objectives.register("bad", toy_loss, dict)
+
+
+def test_options_no_trained_objective_reads_are_refused():
+    """Commands that train several objectives (demo, dlm_frontier) refuse a stray option rather
+    than drop it."""
+    from jaxgen import objectives
+    objectives.check_options_read(["block_size=4"], ["ar", "block_diffusion"])
+    with pytest.raises(ConfigError, match="hidden: no objective this command trains"):
+        objectives.check_options_read(["hidden=3"], ["ar", "masked_diffusion"])
