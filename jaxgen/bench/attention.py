@@ -32,7 +32,7 @@ def shapes(platform: str) -> dict:
     """The measured sizes: the issue's on an accelerator, toy ones on CPU."""
     if platform == "cpu":
         return dict(heads=4, kv_heads=2, head_dim=32, lengths=(128,), dtype=jnp.float32, cache_slots=256,
-                    fills=(64, 256), chunks=(1, 8, 32))
+                    fills=(256,), chunks=(1, 8, 32))
     return dict(heads=32, kv_heads=8, head_dim=128, lengths=(2048, 4096, 8192), dtype=jnp.bfloat16,
                 cache_slots=8192, fills=(2048, 8192), chunks=(1, 8, 32))
 

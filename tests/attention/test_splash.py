@@ -158,13 +158,13 @@ def test_compiled_kernel_lowers_for_tpu():
 
 def test_model_training_forward_runs_splash_through_the_door(tiny_cfg, tiny_params):
     """The model passes static (numpy) coordinates for a training forward, so
-    `attention_impl="splash"` serves it: the masked-diffusion (full) and AR (causal) losses'
-    gradients equal the XLA ones."""
+    `attention_impl="splash"` serves it: a block-causal forward's gradients equal the XLA ones
+    (each layout is covered kernel-level above)."""
     import dataclasses
 
     from jaxgen import model
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, tiny_cfg.vocab_size)
-    for layout in (layouts.causal(), layouts.block_causal(4)):
+    for layout in (layouts.block_causal(4),):
         def loss(params, impl):
             cfg = dataclasses.replace(tiny_cfg, attention_impl=impl)
             return jnp.sum(jnp.sin(model.forward(params, cfg, tokens, layout=layout)[0]))
