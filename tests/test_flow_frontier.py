@@ -40,7 +40,7 @@ def test_frontier_writes_every_section_and_plot(tmp_path, data_dir):
     values = numbers(s)
     assert values and all(math.isfinite(v) for v in values)
     toy = s["toy"]["rows"]
-    assert {r["solver"] for r in toy} == {"euler", "rk4", "dopri5"}
+    assert [(r["solver"], r["nfe"]) for r in toy][:2] == [("euler", 2), ("euler", 4)] and toy[2]["solver"] == "dopri5"
     for r in toy:  # the measured NFE of a fixed grid is steps x evaluations per step, for both solves
         if r["solver"] != "dopri5":
             assert r["nfe"] == r["nll_nfe"] == r["steps"] * frontier.EVALS[r["solver"]]
@@ -59,9 +59,9 @@ def test_frontier_writes_every_section_and_plot(tmp_path, data_dir):
         frontier.run(out_dir=out, preset="tiny", only=["toy", "nope"])
 
 
-def test_digit_tokens_round_trip_and_dequantized_batches_are_pure():
+def test_tokens_dequantization_and_solver_plan():
     """from_tokens inverts families.to_tokens; Dequantized batches add U(0, 1/8) noise that depends
-    on (seed, step) only."""
+    on (seed, step) only; solver_plan keeps the NFEs a method reaches in whole steps."""
     from jaxgen.data import continuous
     from jaxgen.training import families
     frontier = load_frontier()
