@@ -1,5 +1,6 @@
 """experiments/flow_frontier.py runs end to end at its tiny preset: every section in the JSON with
-finite numbers, every PNG written (numbers printed, never judged: the models train for seconds)."""
+finite numbers, every PNG written (numbers printed, never judged: the models train for seconds).
+The digits continuous-AR part is off at that preset; its data helpers are checked on their own."""
 import importlib.util
 import json
 import math
@@ -45,7 +46,7 @@ def test_frontier_writes_every_section_and_plot(tmp_path, data_dir):
         if r["solver"] != "dopri5":
             assert r["nfe"] == r["nll_nfe"] == r["steps"] * frontier.EVALS[r["solver"]]
     assert all(k in r for r in toy for k in ("nll_per_dim", "kl", "mmd2", "sliced_w2"))
-    assert set(s["convergence"]["steps"]) == {20, 40} and isinstance(s["convergence"]["met"], bool)
+    assert s["convergence"]["steps"] == [20, 40] and isinstance(s["convergence"]["met"], bool)
     assert s["digits"]["calibration"]["fd_train_vs_val"] > 0 and s["digits"]["guidance"]
     variants = {r["variant"]: r for r in s["variants"]["rows"]}
     exact = [r for n, r in variants.items() if n.startswith(("flow", "source", "block", "VeC"))]  # density known
