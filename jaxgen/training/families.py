@@ -27,6 +27,7 @@ something else subclasses `Family` and calls `register`; the loop stays as it is
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -44,7 +45,7 @@ from jaxgen.objectives import registry
 from jaxgen.training import vocab
 
 
-class Family:
+class Family(abc.ABC):
     """Base of the families (see the module docstring); subclasses override every method."""
 
     name = ""
@@ -53,38 +54,48 @@ class Family:
     reads_model_config = False  # whether `jaxgen train`'s ModelConfig (preset + model keys) is its input
     unread_keys: tuple[str, ...] = ()  # config keys it never reads (`jaxgen train` refuses them when set)
 
+    @abc.abstractmethod
     def owns(self, spec) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def spec(self, cfg, tcfg):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def init(self, spec, key):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def param_shardings(self, spec, mesh, rules: str):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def prepare(self, spec, tcfg, tokenizer, have_data: bool):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def data(self, spec, tcfg, prepared):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def check_data(self, spec, tcfg, batches, validation) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def batch_sharding(self, spec, mesh, tcfg):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def per_step(self, spec, tcfg) -> int:
-        raise NotImplementedError
+        ...
 
     def to_record(self, spec) -> dict:
         return dataclasses.asdict(spec)
 
+    @abc.abstractmethod
     def from_record(self, record: dict):
-        raise NotImplementedError
+        ...
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -201,13 +212,13 @@ class _Continuous(Family):
     unread_keys = ("tokenizer", "mask_token", "data_files", "max_files", "seq_len")
     x_ndim = 2  # of a batch's x
 
+    @abc.abstractmethod
     def layout(self, spec, x):
         """[N, ...] examples as the loss takes them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def x_shape(self, spec) -> tuple[int, ...]:
         """One example's x as the loss takes it."""
-        raise NotImplementedError
 
     def num_classes(self, spec) -> int:
         return int(getattr(spec, "num_classes", 0) or 0)
