@@ -27,6 +27,7 @@ def run_train(args):
     family = families.of_objective(train_cfg.objective)
     if family.name != LM:  # continuous data: the family builds its model from the options (and model keys)
         refuse_unread_by_family(family, train_cfg.objective, overrides)
+        train_cfg = with_family_defaults(family, train_cfg, overrides)
         spec = family.spec(model_cfg if family.reads_model_config else None, train_cfg)
         result = loop.train(spec, train_cfg, args.out, fresh=args.fresh, extend=args.extend)
         report(result, args.out, f" (load with jaxgen.training.runs.load_run(out, family={family.name!r}))")
@@ -36,6 +37,13 @@ def run_train(args):
     model_cfg = vocab.model_for_tokenizer(model_cfg, train_cfg, tokenizer, explicit)  # vocab and ids follow it
     result = loop.train(model_cfg, train_cfg, args.out, tokenizer=tokenizer, fresh=args.fresh, extend=args.extend)
     report(result, args.out)
+
+
+def with_family_defaults(family, train_cfg, overrides):
+    """`train_cfg` with the family's own defaults for the fields the command line left unset."""
+    given = {key.removeprefix("train.") for key, _ in config.override_items(overrides)}
+    unset = {k: v for k, v in family.train_defaults.items() if k not in given}
+    return dataclasses.replace(train_cfg, **unset)
 
 
 def report(result, out, note: str = "") -> None:

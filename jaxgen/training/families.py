@@ -53,6 +53,7 @@ class Family(abc.ABC):
     unit = "tokens"  # metrics.jsonl logs f"{unit}_per_s"; train() returns f"{unit}_per_step"
     reads_model_config = False  # whether `jaxgen train`'s ModelConfig (preset + model keys) is its input
     unread_keys: tuple[str, ...] = ()  # config keys it never reads (`jaxgen train` refuses them when set)
+    train_defaults: dict = {}  # TrainConfig fields `jaxgen train` sets for this family unless given
 
     @abc.abstractmethod
     def owns(self, spec) -> bool:
@@ -279,6 +280,8 @@ class Flow(_Continuous):
 
     name = "flow"
     what = "a velocity net (flow matching)"
+    # measured: weight decay 0.1 halves the toy's progress (KL 0.22 vs 0.11 at 4000 steps, batch 256)
+    train_defaults = {"weight_decay": 0.0}
 
     def owns(self, spec) -> bool:
         return isinstance(spec, nets.NetSpec)

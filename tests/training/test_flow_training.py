@@ -50,6 +50,7 @@ def test_cli_trains_flow_matching_and_the_run_samples(tmp_path, data_dir, capsys
     record = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert record["model"]["dim"] == 2 and record["model"]["hidden"] == 64 and record["train"]["dataset"] == \
         "eight_gaussians"
+    assert record["train"]["weight_decay"] == 0.0  # the flow family's default (decay slows flow matching)
 
     # --extend continues it; another net shape without --fresh is refused, naming --fresh
     assert cli.main(args[:4] + ["35"] + args[5:] + ["--extend"]) == 0
