@@ -45,13 +45,15 @@ accelerators (latency-bound). Float rounding of the wider forward can differ in 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import cache as cache_lib
-from jaxgen import layouts
+from jaxgen import constraints, layouts
+from jaxgen.constraints import diffusion as constraint_steps
 from jaxgen.decoding import checks, loop, rules
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding.propose import sample_tokens
@@ -65,11 +67,19 @@ REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "f
 def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: int = 4,
              denoising_steps: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              remasking: str = "low_confidence_dynamic", threshold: float | None = None,
-             mask_id: int | None = None, fuse_block_write: bool = False, prompt_lengths=None) -> loop.SamplerOutput:
+             mask_id: int | None = None, fuse_block_write: bool = False, prompt_lengths=None, constraint=None,
+             on_incomplete: Literal["error", "return"] = "error") -> loop.SamplerOutput:
     """SDAR block-diffusion sampler; returns tokens [B, P + gen_length] and the forward count.
     threshold: the `low_confidence_dynamic` rule's (default 0.9); top_k / top_p filter sampling
     (temperature > 0) only. fuse_block_write: write each clean block's K/V in the next block's
-    first forward; prompt_lengths: a ragged batch (see the module docstring)."""
+    first forward; prompt_lengths: a ragged batch (see the module docstring).
+
+    constraint, on_incomplete: a `jaxgen.constraints` grammar: each step's commits (the chosen
+    rule's) are verified LAVE-style (`jaxgen.constraints.lave`), so a block runs until clean (at
+    most block_length forwards); once a row's grammar is complete its remaining positions become
+    EOS and the loop ends when every row is complete. Returns a `ConstrainedOutput`; a row that
+    did not complete the grammar raises a JaxgenError (on_incomplete="error") or is flagged in
+    `.valid` ("return")."""
     cfg = checks.with_mask_id(cfg, mask_id)
     prompt = checks.as_prompt(prompt)
     checks.check_choice("remasking", remasking, REMASKING)
@@ -94,11 +104,19 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, block_length: i
     checks.check_prompt(prompt, cfg, total, diffusion=True, prompt_lengths=lengths)
     ragged = lengths is not None
     lengths = np.full((B,), P, np.int32) if lengths is None else lengths
-    out = _generate(params, cfg, prompt, jnp.asarray(lengths), key, jnp.float32(temperature), jnp.int32(top_k),
-                    jnp.float32(top_p), jnp.float32(threshold), gen_length=gen_length, block_length=block_length,
-                    denoising_steps=denoising_steps, remasking=remasking, fuse=bool(fuse_block_write),
-                    ragged=ragged)
-    return out.replace(tokens=out.tokens[:, : P + gen_length])
+    run = functools.partial(_generate, params, cfg, prompt, jnp.asarray(lengths), key, jnp.float32(temperature),
+                            jnp.int32(top_k), jnp.float32(top_p), jnp.float32(threshold), gen_length=gen_length,
+                            block_length=block_length, denoising_steps=denoising_steps, remasking=remasking,
+                            fuse=bool(fuse_block_write), ragged=ragged)
+    if constraint is None:
+        constraints.check_no_policy(on_incomplete)
+        out = run(None)
+        return out.replace(tokens=out.tokens[:, : P + gen_length])
+    constraints.check_constraint(constraint, cfg, cfg.eos_id, on_incomplete)
+    with constraints.open_session(constraint, B, gen_length, cfg.vocab_size, cfg.mask_id) as session:
+        out = jax.block_until_ready(run(jnp.int32(session.id)))
+    out = out.replace(tokens=out.tokens[:, : P + gen_length])
+    return constraints.finish(out, constraint, lengths, gen_length, on_incomplete)
 
 
 def commit_rule(remasking, conf_BL, masked_BL, k, threshold, key=None, step=None, steps=None):
@@ -124,9 +142,11 @@ def initial_canvas(prompt, lengths_B, total: int, mask_id: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "block_length", "denoising_steps", "remasking",
                                              "fuse", "ragged"))
-def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, threshold, *, gen_length, block_length,
-              denoising_steps, remasking, fuse, ragged):
+def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, threshold, session, *, gen_length,
+              block_length, denoising_steps, remasking, fuse, ragged):
+    """`session`: None, or the traced id of an open constraint session (LAVE rules wrap the step)."""
     B, P = prompt.shape
+    constrained = session is not None
     bl = block_length
     total = -(-(P + gen_length) // bl) * bl
     layout = layouts.block_causal(bl)
@@ -136,7 +156,7 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, th
     first_B = lengths_B // bl if ragged else P // bl
     end_B = -(-(lengths_B + gen_length) // bl) if ragged else -(-(P + gen_length) // bl)
     row0_first = first_B[0] if ragged else first_B
-    bound = bl if remasking == "first_hitting" else denoising_steps
+    bound = bl if remasking == "first_hitting" or constrained else denoising_steps  # >= 1 commit per step
 
     def positions(start, length):  # [B, length] from a scalar or per-row start
         return jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(length, dtype=jnp.int32), (B, length))
@@ -202,12 +222,20 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, th
             if not fuse:
                 more = jnp.any(first_B + state.carry["block"] < end_B - 1)  # the last block's K/V is never read
                 state = jax.lax.cond(more, write_block, lambda s: s, state)
-            return state.replace(carry=dict(block=state.carry["block"] + 1, step=jnp.int32(0)))
+            return state.replace(carry=dict(state.carry, block=state.carry["block"] + 1, step=jnp.int32(0)))
 
         return jax.lax.cond(finished, next_block, lambda s: s, state)
 
-    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update, after=after,
-                         active=lambda s: jnp.any(first_B + s.carry["block"] < end_B))
+    active = lambda s: jnp.any(first_B + s.carry["block"] < end_B)  # noqa: E731
+    carry = dict(block=jnp.int32(0), step=jnp.int32(0))
+    if constrained:  # LAVE verification wraps the step (`jaxgen.constraints.diffusion`)
+        propose, rule, update = constraint_steps.lave_rules(
+            propose, rule, update, session_id=session, words=-(-cfg.vocab_size // 32),
+            gen_start=lambda s: block_start(s) - lengths_B, current_block=current,
+            out_start_B=lengths_B, out_end_B=jnp.full((B,), total), mask_id=cfg.mask_id, eos_id=cfg.eos_id)
+        active = lambda s, unconstrained=active: unconstrained(s) & ~jnp.all(s.carry["complete"])  # noqa: E731
+        carry.update(constraint_steps.initial_fields(session, B, -(-cfg.vocab_size // 32)))
+    recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update, after=after, active=active)
     x = initial_canvas(prompt, lengths_B, total, cfg.mask_id)
     cache = cache_lib.init_cache(cfg, B, total, per_layer=is_decode_form(params))
     nfe = 0
@@ -216,7 +244,7 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, th
         _, cache = forward(params, cfg, x[:, :prefill], layout=layout, cache=cache)
         nfe = 1
     cache = cache_lib.with_lengths(cache, first_B * bl)
-    state = loop.new_state(x, cache, nfe=nfe, carry=dict(block=jnp.int32(0), step=jnp.int32(0)))
+    state = loop.new_state(x, cache, nfe=nfe, carry=carry)
     state = loop.run(recipe, state, (total // bl) * bound)
     col = jnp.arange(total)[None, :]
     pad = cfg.pad_id if cfg.pad_id is not None else cfg.mask_id

@@ -54,11 +54,14 @@ reduced step feeds at most gen_length / WINDOW_GROUPS columns more than the refe
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from jaxgen import cache as cache_lib
+from jaxgen import constraints
+from jaxgen.constraints import diffusion as constraint_steps
 from jaxgen.decoding import checks, loop
 from jaxgen.decoding.checks import check_choice, check_prompt, check_threshold, with_mask_id
 from jaxgen.decoding.loop import SamplerOutput
@@ -77,7 +80,8 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
              mask_id: int | None = None, eos_logit_inf: bool = False, confidence_eos_inf: bool = False,
              cache_reloading_step: int | None = None, window_size: int | None = None, alg: str | None = None,
              alg_temp: float | None = None, top_p: float | None = None, top_k: int | None = None, commit_filter=None,
-             filter_threshold: float | None = None, eotp: bool = False, prompt_lengths=None) -> SamplerOutput:
+             filter_threshold: float | None = None, eotp: bool = False, prompt_lengths=None, constraint=None,
+             on_incomplete: Literal["error", "return"] = "error") -> SamplerOutput:
     """LLaDA / Fast-dLLM sampler (see the module docstring). An option that does not apply to the
     chosen mode (None below means its default) is refused, never dropped.
 
@@ -99,7 +103,16 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     prompt_lengths: [B] ints for a right-padded ragged `prompt` (cache None or "dual"): each row's
       blocks start after its own prompt; under greedy decoding row i's first prompt_lengths[i] +
       gen_length tokens equal that row decoded alone, and the columns after them hold MASK.
+    constraint, on_incomplete: a `jaxgen.constraints` grammar (cache None, "prefix" or "dual";
+      not with alg): each step's commits are verified LAVE-style (`jaxgen.constraints.lave`), so
+      a block loops until it is clean (at most block_length forwards, NFE may exceed `steps`);
+      once a row's grammar is complete its remaining positions become EOS. Returns a
+      `ConstrainedOutput`; a row that did not complete the grammar raises a JaxgenError
+      (on_incomplete="error") or is flagged in `.valid` ("return").
     """
+    if constraint is not None and (alg is not None or cache in ("dkv_decode", "dkv_greedy")):
+        raise JaxgenError(f"constraint= works with LLaDA / Fast-dLLM decoding and cache None, 'prefix' or 'dual', "
+                          f"not with {'alg=' + repr(alg) if alg is not None else 'cache=' + repr(cache)}")
     if alg is not None:
         return _dream_mode(params, cfg, prompt, key, gen_length=gen_length, steps=steps, block_length=block_length,
                            temperature=temperature, mask_id=mask_id, alg=alg, alg_temp=alg_temp, top_p=top_p,
@@ -132,11 +145,19 @@ def generate(params, cfg, prompt, key, *, gen_length: int = 128, steps: int = 12
     filter_threshold = 0.5 if filter_threshold is None else filter_threshold
     level = jnp.float32({"threshold": threshold, "factor": factor, "commit_filter": filter_threshold}.get(rule, 0.0))
     reload_every = int(4 if cache_reloading_step is None else cache_reloading_step)
-    return _generate(params, cfg, prompt, lengths, key, jnp.float32(temperature), jnp.float32(cfg_scale), level,
-                     commit_filter, gen_length=gen_length, steps=steps, block_length=block_length, remasking=remasking,
-                     rule=rule, cache=cache, eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf,
-                     guided=cfg_scale > 0, reload_every=reload_every,
-                     window_size=int(4 if window_size is None else window_size), eotp=bool(eotp))
+    run = functools.partial(_generate, params, cfg, prompt, lengths, key, jnp.float32(temperature),
+                            jnp.float32(cfg_scale), level, commit_filter, gen_length=gen_length, steps=steps,
+                            block_length=block_length, remasking=remasking, rule=rule, cache=cache,
+                            eos_logit_inf=eos_logit_inf, confidence_eos_inf=confidence_eos_inf, guided=cfg_scale > 0,
+                            reload_every=reload_every, window_size=int(4 if window_size is None else window_size),
+                            eotp=bool(eotp))
+    if constraint is None:
+        constraints.check_no_policy(on_incomplete)
+        return run(None)
+    constraints.check_constraint(constraint, cfg, cfg.eos_id, on_incomplete)
+    with constraints.open_session(constraint, prompt.shape[0], gen_length, cfg.vocab_size, cfg.mask_id) as session:
+        out = jax.block_until_ready(run(jnp.int32(session.id)))
+    return constraints.finish(out, constraint, lengths, gen_length, on_incomplete)
 
 
 def _dream_mode(params, cfg, prompt, key, *, gen_length, steps, block_length, temperature, mask_id, alg, alg_temp,
@@ -222,32 +243,58 @@ def validate_blocks(gen_length: int, block_length: int, steps: int):
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_length", "steps", "block_length", "remasking", "rule",
                                              "cache", "eos_logit_inf", "confidence_eos_inf", "guided",
                                              "reload_every", "window_size", "eotp"))
-def _generate(params, cfg, prompt, lengths_B, key, temperature, cfg_scale, level, commit_filter, *, gen_length,
-              steps, block_length, remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided, reload_every,
-              window_size, eotp):
+def _generate(params, cfg, prompt, lengths_B, key, temperature, cfg_scale, level, commit_filter, session, *,
+              gen_length, steps, block_length, remasking, rule, cache, eos_logit_inf, confidence_eos_inf, guided,
+              reload_every, window_size, eotp):
+    """`session`: None, or the traced id of an open constraint session (LAVE rules wrap the step)."""
     B, P = prompt.shape
     num_blocks = gen_length // block_length
+    constrained = session is not None
     ctx = Ctx(params, cfg, key, temperature, cfg_scale if guided else None, level, commit_filter,
                lengths_B, P + gen_length, block_length, steps // num_blocks, remasking, rule, cache, eos_logit_inf,
                confidence_eos_inf, reload_every, window_size, eotp)
-    fixed_steps = cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp
-    bound = ctx.per_block if rule == "schedule" else block_length  # >= 1 commit per step
+    fixed_steps = cache in (None, "dkv_decode", "dkv_greedy") and rule == "schedule" and not eotp and not constrained
+    bound = ctx.per_block if rule == "schedule" and not constrained else block_length  # >= 1 commit per step
     col = jnp.arange(ctx.total)[None, :]
     x = jnp.where(col < lengths_B[:, None], jnp.pad(prompt, ((0, 0), (0, gen_length))), cfg.mask_id)
     kv0 = None if cache is None else cache_lib.init_cache(cfg, B, ctx.total, per_layer=is_decode_form(params))
-    state = loop.new_state(x, kv0, carry=block_carry(ctx, 0, B))
+    carry = block_carry(ctx, 0, B)
+    if constrained:
+        carry.update(constraint_steps.initial_fields(session, B, -(-cfg.vocab_size // 32)))
+    state = loop.new_state(x, kv0, carry=carry)
 
     def after(state):
         finished = state.carry["step"] >= bound
         if not fixed_steps:
             finished = finished | ~block_unclean(ctx, state)
-        return jax.lax.cond(finished, lambda s: next_block(ctx, num_blocks, s), lambda s: s, state)
+        return jax.lax.cond(finished, to_next_block, lambda s: s, state)
+
+    to_next_block = lambda s: next_block(ctx, num_blocks, s)  # noqa: E731
+    if constrained:
+        to_next_block = constraint_steps.keep_fields(to_next_block)
 
     groups = window_groups(P, gen_length, block_length) if cache in STATIC_WINDOW else [(None, num_blocks)]
     for lo, end_block in groups:  # one loop over the blocks of each static window
-        recipe = loop.Recipe(**step_rules(ctx, gen_length, lo), after=after,
-                             active=lambda s, end=end_block: s.carry["block"] < end)
+        rules = step_rules(ctx, gen_length, lo)
+        active = lambda s, end=end_block: s.carry["block"] < end  # noqa: E731
+        if constrained:
+            rules, active = _constrained(ctx, rules, active, session, gen_length)
+        recipe = loop.Recipe(**rules, after=after, active=active)
         state = loop.run(recipe, state, num_blocks * bound)
     return loop.SamplerOutput(tokens=state.tokens, nfe=state.nfe)
+
+
+def _constrained(ctx, rules, active, session, gen_length):
+    """The step rules with LAVE verification (`jaxgen.constraints.diffusion`); the loop also ends
+    once every row's grammar is complete (its later blocks are all EOS)."""
+    bl = ctx.block_length
+    gen_start = lambda s: jnp.broadcast_to(s.carry["block"] * bl, ctx.lengths_B.shape)  # noqa: E731
+    block = lambda s: cache_lib.slice_rows(s.tokens, ctx.lengths_B + s.carry["block"] * bl, bl)  # noqa: E731
+    propose, rule, update = constraint_steps.lave_rules(
+        rules["propose"], rules["rule"], rules["update"], session_id=session, words=-(-ctx.cfg.vocab_size // 32),
+        gen_start=gen_start, current_block=block, out_start_B=ctx.lengths_B, out_end_B=ctx.lengths_B + gen_length,
+        mask_id=ctx.cfg.mask_id, eos_id=ctx.cfg.eos_id)
+    rules = dict(rules, propose=propose, rule=rule, update=update)
+    return rules, lambda s: active(s) & ~jnp.all(s.carry["complete"])
 
 
