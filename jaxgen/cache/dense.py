@@ -94,6 +94,23 @@ def with_lengths(cache: KVCache, lengths) -> KVCache:
     return cache.replace(lengths=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), cache.lengths.shape))
 
 
+def gather_slots(cache: KVCache, start, src_BW) -> KVCache:
+    """Each row's slots [start, start + W) take the K/V of slots start + src_BW[b, w] (0 <= src <
+    W, start scalar or [B]): moves an accepted draft-tree path, scattered over a verify chunk,
+    into contiguous slots (speculative decoding). Lengths are unchanged."""
+    start = jnp.asarray(start, jnp.int32)
+    src_BW = jnp.asarray(src_BW, jnp.int32)
+    W = src_BW.shape[1]
+
+    def move(buf_BKSD):
+        window = _take(buf_BKSD, start, W)
+        moved = jnp.take_along_axis(window, src_BW[:, None, :, None], axis=2)
+        return _put(buf_BKSD, moved, start)
+
+    layers = (lambda buf: [move(b) for b in buf]) if cache.unstacked else jax.vmap(move)
+    return cache.replace(k=layers(cache.k), v=layers(cache.v))
+
+
 def read(cache: KVCache) -> CacheAccess:
     return CacheAccess(cache, cache.lengths, None, write=False)
 

@@ -1,5 +1,6 @@
 """The machinery every sampler shares: the decode loop (`loop`), token proposals (`propose`),
-commit rules (`rules`), schedules, logits processors and argument checks.
+commit rules (`rules`), draft verification (`verify`) and drafters (`drafters`, speculative
+decoding), schedules, logits processors and argument checks.
 
 Naming across samplers (one scheme; the references' own names are kept where their values are
 the reference's vocabulary):
@@ -18,5 +19,5 @@ An option that does not apply to the mode a call chooses is refused (`checks.che
 never dropped; options that only some modes read default to None ("the documented default") so
 that an explicit value can be told apart.
 """
-from jaxgen.decoding import checks, dkv, loop, processors, propose, rules, schedules  # noqa: F401
+from jaxgen.decoding import checks, dkv, drafters, loop, processors, propose, rules, schedules, verify  # noqa: F401
 from jaxgen.decoding.loop import DecodeState, Recipe, SamplerOutput, run  # noqa: F401

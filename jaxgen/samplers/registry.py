@@ -14,7 +14,7 @@ import typing
 from typing import Any, Callable
 
 from jaxgen.errors import ConfigError
-from jaxgen.samplers import ar, block_diffusion, dream, lavida, masked_diffusion, nbdiff, tidar, wedlm
+from jaxgen.samplers import ar, block_diffusion, dream, lavida, masked_diffusion, nbdiff, speculative, tidar, wedlm
 
 SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 POSITIONAL = ("params", "cfg", "prompt", "key")  # every generate's leading arguments
@@ -151,5 +151,6 @@ def _options_class(name: str, generate: Callable) -> type:
 
 
 for _name, _module in (("ar", ar), ("masked_diffusion", masked_diffusion), ("block_diffusion", block_diffusion),
-                       ("dream", dream), ("lavida", lavida), ("nbdiff", nbdiff), ("wedlm", wedlm), ("tidar", tidar)):
+                       ("dream", dream), ("lavida", lavida), ("nbdiff", nbdiff), ("wedlm", wedlm), ("tidar", tidar),
+                       ("speculative", speculative)):
     register(_name, _module.generate, getattr(_module, "KEYWORD_ALIASES", None))

@@ -42,6 +42,7 @@ import numpy as np
 from jaxgen import layouts
 from jaxgen.cache import init_cache, place_rows, truncate, write_at
 from jaxgen.decoding import checks, loop
+from jaxgen.decoding import verify as verify_lib
 from jaxgen.decoding.checks import check_prompt, with_mask_id
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.decoding.processors import forbid_mask_token
@@ -86,23 +87,12 @@ def _pick(logits_LV, cfg, key, temperature, greedy):
 
 
 def verify(p_logits_kV, drafts_K, q_KV, key, cfg, temperature, greedy):
-    """(accepted count a in [0, k-1], next AR token) from the causal rows' logits (one row)."""
-    k = p_logits_kV.shape[0]
+    """(accepted count a in [0, k-1], next AR token) from the causal rows' logits (one row): the
+    shared chain rules of `jaxgen.decoding.verify` on TiDAR's distributions."""
     if greedy:
-        ar_tok = jnp.argmax(forbid_mask_token(p_logits_kV, cfg), axis=-1).astype(jnp.int32)
-        ok = ar_tok[:-1] == drafts_K
-        a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-        return a, ar_tok[a]
-    k_acc, k_res = jax.random.split(key)
-    p = _probs(p_logits_kV, cfg, temperature)
-    idx = jnp.arange(k - 1)
-    p_d = p[idx, drafts_K]
-    q_d = q_KV[idx, drafts_K]
-    ok = jax.random.uniform(k_acc, (k - 1,)) * q_d < p_d  # u < p/q
-    a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-    residual = jnp.maximum(p[jnp.minimum(a, k - 2)] - q_KV[jnp.minimum(a, k - 2)], 0.0)
-    dist = jnp.where(a < k - 1, residual / jnp.maximum(residual.sum(), 1e-30), p[a])
-    return a, jax.random.categorical(k_res, jnp.log(dist)).astype(jnp.int32)
+        return verify_lib.chain_greedy(jnp.argmax(forbid_mask_token(p_logits_kV, cfg), axis=-1).astype(jnp.int32),
+                                       drafts_K)
+    return verify_lib.chain_sample(_probs(p_logits_kV, cfg, temperature), drafts_K, q_KV, key)
 
 
 @flax.struct.dataclass
