@@ -77,6 +77,14 @@ def add_parser(sub) -> None:
     s.add_argument("--label", type=int, help="runs on continuous data: the class to sample (default: unconditional)")
     s.add_argument("--out", help="runs on continuous data: the .npy file for the samples (default: "
                    "RUN/samples.npy; a .png picture next to it)")
+    s.add_argument("--draft-run", help="--sampler speculative: a jaxgen train folder whose model drafts (a draft "
+                   "model with the target's vocabulary; replaces --drafter)")
+    s.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="--sampler speculative: an option of the named drafter, e.g. max_depth=3 for "
+                   "token_recycling (repeatable)")
+    s.add_argument("--json-schema", help="constrain the output to a JSON schema (a .json file)")
+    s.add_argument("--regex", help="constrain the output to a regular expression")
+    s.add_argument("--grammar", help="constrain the output to a Lark grammar (a .lark file)")
     s.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host; "
                    "run the same command on every host)")
     for name, takers in sampler_flags().items():
@@ -197,12 +205,75 @@ def place_prompt(prompt, mesh, rules):
     return parallel.put_global(prompt, sharding)
 
 
+def constraint_flag(args):
+    """(flag, value) of the one constraint flag given (--json-schema / --regex / --grammar), or
+    None; refused for a sampler that takes no constraint."""
+    given = [(flag, value) for flag, value in (("json_schema", args.json_schema), ("regex", args.regex),
+                                               ("grammar", args.grammar)) if value is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join('--' + f.replace('_', '-') for f, _ in given)}: pass one constraint")
+    if not samplers.accepts(args.sampler, "constraint"):
+        raise ConfigError(f"sampler {args.sampler!r} takes no constraint; constrained samplers: "
+                          f"{', '.join(n for n in samplers.names() if samplers.accepts(n, 'constraint'))}")
+    flag, value = given[0]
+    if flag != "regex" and not pathlib.Path(value).is_file():
+        raise ConfigError(f"--{flag.replace('_', '-')}={value}: no such file")
+    return given[0]
+
+
+def constraint_of(args, tokenizer):
+    """The `jaxgen.constraints` Constraint the constraint flag asks for (None: none)."""
+    given = constraint_flag(args)
+    if given is None:
+        return None
+    from jaxgen import constraints
+    flag, value = given
+    if flag == "regex":
+        return constraints.regex(value, tokenizer)
+    build = constraints.json_schema if flag == "json_schema" else constraints.grammar
+    return build(pathlib.Path(value).read_text(), tokenizer)
+
+
+def drafter_of(args, kwargs) -> dict:
+    """The speculative sampler's drafter keywords: --draft-run's model, or --drafter's options."""
+    if args.sampler != "speculative":
+        given = [f for f, v in (("--draft-run", args.draft_run), ("--drafter-option", args.drafter_option)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to --sampler speculative, not {args.sampler!r}")
+        return {}
+    options = dict(_drafter_option(item) for item in args.drafter_option)
+    if args.draft_run is None:
+        return options
+    if "drafter" in kwargs or options:
+        raise ConfigError("--draft-run is the drafter (a draft model); drop --drafter and --drafter-option")
+    from jaxgen.decoding import drafters
+    draft_cfg, _, draft_params = runs.load_run(args.draft_run)
+    return {"drafter": drafters.model_drafter(jax.jit(model.decode_params)(draft_params), draft_cfg)}
+
+
+def _drafter_option(item: str):
+    """KEY=VALUE with VALUE as an int, float, bool or string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--drafter-option {item!r}: write KEY=VALUE, e.g. max_depth=3")
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(raw.lower(), raw)
+
+
 def run_sample(args):
     parallel.initialize_distributed(args.distributed)  # before anything touches a device (--filter loads)
     if args.run and sample_continuous.run_family(args.run) != "lm":
         return run_continuous(args)
     generate = samplers.get(args.sampler)
     kwargs = sampler_kwargs(args)  # bad flags fail before the model loads
+    constraint_flag(args)
+    kwargs.update(drafter_of(args, kwargs))
     if args.batch < 1:
         raise ConfigError(f"--batch={args.batch} must be >= 1 (the number of prompt rows)")
     mesh = sample_mesh(args)
@@ -212,9 +283,12 @@ def run_sample(args):
     prompt = np.asarray([ids] * args.batch, np.int32)
     if mesh is not None:
         prompt = place_prompt(prompt, mesh, rules)
+    constraint = constraint_of(args, tokenizer)
+    if constraint is not None:
+        kwargs["constraint"] = constraint
     out = generate(params, cfg, prompt, jax.random.key(args.seed), **kwargs)
     tokens, nfe = parallel.to_host(out.tokens), parallel.to_host(out.nfe)  # every process gathers; main prints
     if parallel.is_main():
         for row in tokens:
             print(repr(tokenizer.decode(row)))
-        print(f"nfe={int(nfe)}")
+        print(f"nfe={int(nfe)}" + (f" accepted/forward={float(out.accepted):.2f}" if hasattr(out, "accepted") else ""))

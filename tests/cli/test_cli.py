@@ -1,4 +1,6 @@
 """The jaxgen command end to end on a tiny run: train, resume, sample, eval, convert; bad input."""
+import re
+
 import pytest
 
 from helpers import TINY_RUN
@@ -29,6 +31,14 @@ def test_train_sample_eval_convert(tmp_path, data_dir, capsys):
                            ("nbdiff", block), ("wedlm", block), ("tidar", block)]:
         assert cli.main(["sample", "--run", out, "--sampler", sampler, "--gen-length", "8", *extra]) == 0, sampler
         assert "nfe=" in capsys.readouterr().out
+    speculative = ["sample", "--run", out, "--sampler", "speculative", "--gen-length", "8", "--num-draft", "2"]
+    assert cli.main(speculative + ["--drafter", "token_recycling", "--drafter-option", "max_depth=2"]) == 0
+    assert "accepted/forward=" in capsys.readouterr().out
+    assert cli.main(speculative + ["--draft-run", out]) == 0  # the run drafts for itself: every draft accepted
+    assert "accepted/forward=2.00" in capsys.readouterr().out  # 8 tokens: the prefill, then 3 + 3 + 1
+    assert cli.main(["sample", "--run", out, "--gen-length", "12", "--regex", "[0-9]{3}-[a-z]+", "--batch", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert all(re.fullmatch(r"'def [0-9]{3}-[a-z]+'", line) for line in printed[:2]), printed
     assert cli.main(["eval", "--run", out, "--batches", "1"]) == 0
     assert "bits/byte" in capsys.readouterr().out
     assert cli.main(["convert", "--run", out, "--to-hf", str(tmp_path / "hf")]) == 0
