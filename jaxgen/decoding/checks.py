@@ -41,6 +41,17 @@ def as_prompt(prompt):
     return jnp.asarray(prompt, jnp.int32)
 
 
+def gen_length_of(gen_length, max_new_tokens, default: int = 128) -> int:
+    """The one output length of a sampler that also takes Hugging Face's `max_new_tokens` name:
+    passing both is refused."""
+    if max_new_tokens is not None:
+        if gen_length is not None:
+            raise JaxgenError(f"gen_length={gen_length} and max_new_tokens={max_new_tokens} are one option under "
+                              "two names; pass only gen_length")
+        return max_new_tokens
+    return default if gen_length is None else gen_length
+
+
 def check_prompt(prompt, cfg, total_len: int, *, diffusion: bool, prompt_lengths=None):
     """Validate ids and total length; diffusion prompts may not contain the mask token (outside
     the padding of a ragged batch)."""

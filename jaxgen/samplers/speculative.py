@@ -118,12 +118,7 @@ def generate(params, cfg, prompt, key, gen_length: int | None = None, drafter: s
       verified token is grammar-valid, a completed row emits EOS then padding; the result is a
       `ConstrainedSpeculativeOutput` with `.valid`). See the module docstring.
     """
-    if max_new_tokens is not None:
-        if gen_length is not None:
-            raise JaxgenError(f"gen_length={gen_length} and max_new_tokens={max_new_tokens} are one option under "
-                              "two names; pass only gen_length")
-        gen_length = max_new_tokens
-    gen_length = 128 if gen_length is None else gen_length
+    gen_length = checks.gen_length_of(gen_length, max_new_tokens)
     prompt = checks.as_prompt(prompt)
     checks.check_positive(gen_length=gen_length)
     warp = target_warp(temperature, top_k, top_p)

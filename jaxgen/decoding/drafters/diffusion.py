@@ -37,15 +37,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import layouts
-from jaxgen.cache import init_cache, read, slice_rows, with_lengths, write_at
+from jaxgen.cache import read, slice_rows, with_lengths, write_at
 from jaxgen.decoding import rules
 from jaxgen.decoding.drafters.base import ChainDrafter
+from jaxgen.decoding.drafters.model import prompt_cache
 from jaxgen.decoding.processors import forbid_mask_token
 from jaxgen.decoding.propose import prob_of
 from jaxgen.decoding.schedules import num_transfer_tokens
 from jaxgen.decoding.verify import greedy_warp
 from jaxgen.errors import JaxgenError
-from jaxgen.model import forward, is_decode_form
+from jaxgen.model import forward
 
 
 def draft_window(end_B, num_draft: int, total_len: int):
@@ -113,17 +114,11 @@ class BlockDiffusionDrafter(ChainDrafter):
                               "rounds that commit nothing; use denoising_steps <= num_draft")
 
     def init(self, operands, cfg, prompt_BP, lengths_B, total_len: int):
-        B, N = prompt_BP.shape[0], self.num_draft
+        N = self.num_draft
         if total_len < 2 * N + 1:
             raise JaxgenError(f"the block-diffusion drafter needs prompt + new tokens >= num_draft + 1 = {N + 1} "
                               f"(its window spans 2 * num_draft + 1 slots); ask for more tokens or draft fewer")
-        if total_len > self.draft_cfg.max_seq_len:
-            raise JaxgenError(f"the draft model's max_seq_len={self.draft_cfg.max_seq_len} is below the {total_len} "
-                              "positions this call needs (prompt + new tokens + draft); use a draft model with a "
-                              "longer max_seq_len or ask for fewer tokens")
-        cache = init_cache(self.draft_cfg, B, total_len, per_layer=is_decode_form(operands))
-        _, cache = forward(operands, self.draft_cfg, prompt_BP, cache=cache, out_rows=(0, 1))
-        return with_lengths(cache, lengths_B)
+        return prompt_cache(operands, self.draft_cfg, prompt_BP, lengths_B, total_len)
 
     def draft(self, operands, state, tokens_BT, end_B, key, warp=None):
         cfg, N = self.draft_cfg, self.num_draft

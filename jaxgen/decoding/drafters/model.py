@@ -46,14 +46,7 @@ class ModelDrafter(ChainDrafter):
                               "(its tokenizer)")
 
     def init(self, operands, cfg, prompt_BP, lengths_B, total_len: int):
-        B = prompt_BP.shape[0]
-        if total_len > self.draft_cfg.max_seq_len:
-            raise JaxgenError(f"the draft model's max_seq_len={self.draft_cfg.max_seq_len} is below the {total_len} "
-                              "positions this call needs (prompt + new tokens + draft); use a draft model with a "
-                              "longer max_seq_len or ask for fewer tokens")
-        cache = init_cache(self.draft_cfg, B, total_len, per_layer=is_decode_form(operands))
-        _, cache = forward(operands, self.draft_cfg, prompt_BP, cache=cache, out_rows=(0, 1))
-        return with_lengths(cache, lengths_B)
+        return prompt_cache(operands, self.draft_cfg, prompt_BP, lengths_B, total_len)
 
     def draft(self, operands, state, tokens_BT, end_B, key, warp=None):
         cfg, N = self.draft_cfg, self.num_draft
@@ -82,3 +75,14 @@ def model_drafter(draft_params, draft_cfg) -> ModelDrafter:
     """A drafter running the jaxgen model (`draft_params`, `draft_cfg`); its vocabulary must be the
     target's. Decode-form params (`jaxgen.model.decode_params`) draft fastest on CPU."""
     return ModelDrafter(draft_cfg=draft_cfg, params=draft_params)
+
+
+def prompt_cache(params, draft_cfg, prompt_BP, lengths_B, total_len: int):
+    """A draft model's KV cache of the (right-padded) prompt, `total_len` slots long."""
+    if total_len > draft_cfg.max_seq_len:
+        raise JaxgenError(f"the draft model's max_seq_len={draft_cfg.max_seq_len} is below the {total_len} "
+                          "positions this call needs (prompt + new tokens + draft); use a draft model with a "
+                          "longer max_seq_len or ask for fewer tokens")
+    cache = init_cache(draft_cfg, prompt_BP.shape[0], total_len, per_layer=is_decode_form(params))
+    _, cache = forward(params, draft_cfg, prompt_BP, cache=cache, out_rows=(0, 1))  # K/V only
+    return with_lengths(cache, lengths_B)
