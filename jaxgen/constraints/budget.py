@@ -46,6 +46,7 @@ CLOSERS = b"\"}])'>`"  # tried first: they end strings and structures
 MAX_NODES = 2000  # matcher consumes per search
 SLACK = 16  # slots beyond the witness's length below which every token is checked
 REPAIR_SUFFIXES = 4  # suffixes of the last known witness tried before a search
+CANDIDATE_CACHE_BYTES = 4 << 20  # masks kept per constraint by `Searcher.candidates`
 
 
 class Searcher:
@@ -58,16 +59,38 @@ class Searcher:
         self.allowed_W &= ~_eos_bit_words(self.eos, self.words)  # never part of a witness
         self.order_V = search_order(constraint)
         self._buffer = np.zeros(self.words, np.int32)
+        self._pointer, self._bytes = self._buffer.ctypes.data, self.words * 4  # `.ctypes.data` costs ~1 us a call
+        self._view = memoryview(self._buffer).cast("B")
+        self._allowed = int.from_bytes(self.allowed_W.tobytes(), "little")
+        self._candidates = constraint._candidates  # mask bits -> candidates
+        self._start_witness = constraint._start_witness  # budget -> witness from the start
+
+    def allowed_bits(self, matcher) -> int:
+        """The matcher's mask (EOS and specials excluded) as one int, bit v for id v."""
+        matcher.unsafe_compute_mask_ptr(self._pointer, self._bytes)
+        return int.from_bytes(self._view, "little") & self._allowed
 
     def candidates(self, matcher) -> list:
-        """The first CANDIDATES allowed ids (EOS and specials excluded) in search order."""
-        matcher.unsafe_compute_mask_ptr(self._buffer.ctypes.data, self.words * 4)
-        bits = np.unpackbits(np.bitwise_and(self._buffer, self.allowed_W).view(np.uint8), bitorder="little")
-        return self.order_V[bits[self.order_V].astype(bool)][:CANDIDATES].tolist()
+        """The first CANDIDATES allowed ids (EOS and specials excluded) in search order (cached
+        per distinct mask: a grammar has few)."""
+        bits = self.allowed_bits(matcher)
+        found = self._candidates.get(bits)
+        if found is None:
+            found = first_allowed(self.order_V, np.bitwise_and(self._buffer, self.allowed_W))
+            if len(self._candidates) * self._bytes < CANDIDATE_CACHE_BYTES:
+                self._candidates[bits] = found
+        return found
 
     def popcount(self, matcher) -> int:
-        matcher.unsafe_compute_mask_ptr(self._buffer.ctypes.data, self.words * 4)
-        return int.from_bytes(np.bitwise_and(self._buffer, self.allowed_W).tobytes(), "little").bit_count()
+        return self.allowed_bits(matcher).bit_count()
+
+    def from_start(self, matcher, budget: int):
+        """`complete_within` from the grammar's start (`matcher` fresh), cached on the constraint
+        per budget: every session of a constraint begins with the same search."""
+        if budget not in self._start_witness:
+            found = self.complete_within(matcher, budget)
+            self._start_witness[budget] = None if found is None else tuple(found)
+        return self._start_witness[budget]
 
     def completes(self, matcher, tokens) -> bool:
         """Whether `tokens` then EOS is accepted from the matcher's state (left unchanged)."""
@@ -124,6 +147,12 @@ def search_order(constraint) -> np.ndarray:
     return constraint._search_order
 
 
+def first_allowed(order_V, mask_W) -> list:
+    """The first CANDIDATES ids of `order_V` whose bit is set in `mask_W`."""
+    bits = np.unpackbits(mask_W.view(np.uint8), bitorder="little")
+    return order_V[bits[order_V].astype(bool)][:CANDIDATES].tolist()
+
+
 def _eos_bit_words(eos: int, words: int) -> np.ndarray:
     bits = np.zeros(words * 32, bool)
     bits[eos] = True
@@ -138,20 +167,20 @@ class Budget:
         self.gen_length = gen_length
         self.witness = [None] * batch  # a witness for the row's current state, or None (unknown)
         self.last = [None] * batch  # the last known witness, and `used` when it was known
-        self.last_used = np.zeros(batch, int)
-        self.used = np.zeros(batch, int)  # tokens committed per row
-        self.retry_at = np.zeros(batch, int)  # `used` at which a row that never had a witness searches again
-        self.backoff = np.ones(batch, int)
+        self.last_used = [0] * batch  # (Python ints throughout: NumPy scalars cost ~10x per operation)
+        self.used = [0] * batch  # tokens committed per row
+        self.retry_at = [0] * batch  # `used` at which a row that never had a witness searches again
+        self.backoff = [1] * batch
         self.searches = 0
 
     def left(self, b: int) -> int:
-        return self.gen_length - int(self.used[b])
+        return self.gen_length - self.used[b]
 
     def slack(self, b: int) -> int:
         """Slots left beyond the (last known) witness's length, each token since counted as one more."""
         if self.last[b] is None:
             return -1
-        return self.left(b) - len(self.last[b]) - int(self.used[b] - self.last_used[b])
+        return self.gen_length - len(self.last[b]) - 2 * self.used[b] + self.last_used[b]
 
     def known(self, b: int, witness):
         self.witness[b] = self.last[b] = witness
@@ -163,7 +192,8 @@ class Budget:
 
     def start(self, matcher):
         """Every row's first witness: one search from the grammar's start (`matcher`'s state)."""
-        found = self.search(0, matcher)
+        self.searches += 1
+        found = self.searcher.from_start(matcher, self.gen_length)
         for b in range(len(self.witness)):
             if found is None:
                 self.retry_at[b], self.backoff[b] = 1, 2
@@ -173,7 +203,7 @@ class Budget:
     def forced(self, b: int):
         """The token row b must take next, or None (free under the grammar mask)."""
         w = self.witness[b]
-        return w[0] if w and len(w) >= self.left(b) else None
+        return w[0] if w and len(w) >= self.gen_length - self.used[b] else None
 
     def free_tokens(self, b: int) -> int:
         """How many next tokens of row b `commit` takes unchecked, whatever they are: none is
@@ -181,7 +211,7 @@ class Budget:
         draft tokens in one step). Each token lowers the slack by at most 2 (`commit`); a row
         with no witness yet is unchecked until its next search."""
         if self.last[b] is None:
-            return max(0, int(self.retry_at[b] - self.used[b]) - 1)
+            return max(0, self.retry_at[b] - self.used[b] - 1)
         return max(0, (self.slack(b) - SLACK - 1) // 2)
 
     def repaired(self, b: int, matcher):

@@ -34,6 +34,8 @@ class Constraint:
         self.allowed_W = backend.allowed_words(tokenizer, self.words)
         self._template = None
         self._search_order = None  # jaxgen.constraints.budget.search_order, built on first use
+        self._candidates = {}  # jaxgen.constraints.budget.Searcher: candidates per distinct mask,
+        self._start_witness = {}  # and the search from the grammar's start per budget
 
     def __repr__(self):
         return f"Constraint({self.kind}, {backend._shown(str(self.source))!r}, tokenizer={self.tokenizer.name})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.constraints import sessions
 from jaxgen.constraints.host_call import host_call
@@ -50,10 +51,20 @@ def ar_start(session_id, batch: int, words: int):
 def ar_step(session_id, proposed_B, active_B, words: int):
     """Active rows commit their proposed token (the host's matchers take it, or the length
     budget replaces it, see `jaxgen.constraints.budget`); returns (committed tokens [B], next
-    masks [B, W]). Needs `ar_start` first."""
+    masks [B, W]). Needs `ar_start` first. One operand and one result cross to the host (each
+    buffer costs a few us of the round trip)."""
     B = proposed_B.shape[0]
-    return host_call(_AR_STEP, [_spec((B,)), _spec((B, words))], session_id, proposed_B.astype(jnp.int32),
-                     active_B)
+    packed = jnp.concatenate([jnp.reshape(session_id, (1,)).astype(jnp.int32), proposed_B.astype(jnp.int32),
+                              active_B.astype(jnp.int32)])
+    out_BW = host_call(_ar_step_packed, [_spec((B, 1 + words))], packed)[0]
+    return out_BW[:, 0], out_BW[:, 1:]
+
+
+def _ar_step_packed(packed):
+    """[session id, proposed [B], active [B]] -> [B, 1 + W]: committed tokens, then masks."""
+    B = (packed.shape[0] - 1) // 2
+    committed_B, mask_BW = _AR_STEP(packed[0], packed[1: B + 1], packed[B + 1:] != 0)
+    return (np.concatenate([committed_B[:, None], mask_BW], axis=1),)
 
 
 def advance(session_id, tokens_BK, counts_B, words: int):

@@ -51,7 +51,7 @@ class Row:
 def new_rows(batch: int, matcher, searcher, gen_length: int) -> list:
     """Rows at the start of the grammar, sharing one search for a completion within gen_length
     (`searcher` None: no length budget)."""
-    found = searcher.complete_within(matcher, gen_length) if searcher is not None else None
+    found = searcher.from_start(matcher, gen_length) if searcher is not None else None
     return [Row(witness=list(found or []), budgeted=found is not None) for _ in range(batch)]
 
 

@@ -55,6 +55,8 @@ class Session:
         self.stats = Stats()
         self._fill_buffer_BW = np.zeros((batch, constraint.words), np.int32)  # llguidance writes rows here
         self._fill_pointer, self._row_bytes = self._fill_buffer_BW.ctypes.data, constraint.words * 4
+        self._scratch_W = np.zeros(constraint.words, np.int32)  # `mask_of` (`.ctypes.data` costs ~1 us a call)
+        self._scratch_pointer = self._scratch_W.ctypes.data
 
     def __enter__(self):
         _SESSIONS[self.id] = self
@@ -68,33 +70,44 @@ class Session:
 
     def fill_masks(self) -> np.ndarray:
         """int32 [B, W]: every row's next-token mask (finished rows: EOS only)."""
-        live = np.flatnonzero(~self.finished).tolist()
+        return self._masks(self.live_rows())
+
+    def live_rows(self) -> list:
+        """The rows not finished, as Python ints."""
+        return [b for b, done in enumerate(self.finished.tolist()) if not done]
+
+    def _masks(self, live: list) -> np.ndarray:
+        """`fill_masks` given its live rows."""
         start = time.perf_counter()
         if len(live) > 1 and self.constraint.vocab_size >= PAR_FILL_MIN_VOCAB:
             from llguidance.numpy import fill_next_token_bitmask_par
             fill_next_token_bitmask_par(executor(), [(self.matchers[b], b) for b in live], self._fill_buffer_BW)
         else:
+            pointer, row_bytes, matchers = self._fill_pointer, self._row_bytes, self.matchers
             for b in live:
-                self.matchers[b].unsafe_compute_mask_ptr(self._fill_pointer + b * self._row_bytes, self._row_bytes)
+                matchers[b].unsafe_compute_mask_ptr(pointer + b * row_bytes, row_bytes)
         self.stats.fill_seconds += time.perf_counter() - start
         self.stats.fills += len(live)
-        out_BW = np.zeros((self.batch, self.words), np.int32)
         own = self.constraint.words  # the tokenizer's words; a wider model vocabulary stays 0 past them
-        np.bitwise_and(self._fill_buffer_BW, self.allowed_W[:own], out=out_BW[:, :own])
+        if own == self.words:
+            out_BW = np.bitwise_and(self._fill_buffer_BW, self.allowed_W)
+        else:
+            out_BW = np.zeros((self.batch, self.words), np.int32)
+            np.bitwise_and(self._fill_buffer_BW, self.allowed_W[:own], out=out_BW[:, :own])
         if len(live) < self.batch:
             out_BW[self.finished] = self.eos_only_W
         return out_BW
 
     def mask_of(self, matcher) -> np.ndarray:
         """int32 [W]: one matcher's mask (ignoring the finished flags)."""
-        buffer = np.zeros(self.constraint.words, np.int32)
         start = time.perf_counter()
-        matcher.unsafe_compute_mask_ptr(buffer.ctypes.data, buffer.size * 4)
+        matcher.unsafe_compute_mask_ptr(self._scratch_pointer, self._row_bytes)
         self.stats.fill_seconds += time.perf_counter() - start
         self.stats.fills += 1
         out = np.zeros(self.words, np.int32)
-        out[: buffer.size] = buffer
-        return out & self.allowed_W
+        own = self.constraint.words
+        np.bitwise_and(self._scratch_W, self.allowed_W[:own], out=out[:own])
+        return out
 
     # AR and speculative decoding
 
@@ -119,21 +132,27 @@ class Session:
     def ar_step(self, proposed_B, active_B):
         """AR: each active row commits its proposed token, or its witness's head when the token
         leaves no completion within the slots left; (committed [B], next masks [B, W])."""
-        committed_B = np.array(proposed_B, np.int32)
-        for b in np.flatnonzero(np.asarray(active_B) & ~self.finished).tolist():
-            token = self.budget.commit(b, self.matchers[b], int(committed_B[b]))
-            if token < 0:  # the mask forbade it: never expected
-                self.failed[b] = self.finished[b] = True
+        committed = np.asarray(proposed_B).tolist()
+        finished, commit, eos = self.finished, self.budget.commit, self.constraint.eos_id
+        for b, active in enumerate(np.asarray(active_B).tolist()):
+            if not active or finished[b]:
                 continue
-            committed_B[b] = token
-            self.finished[b] = token == self.constraint.eos_id
-        return committed_B, self.ar_masks()
+            token = commit(b, self.matchers[b], committed[b])
+            if token < 0:  # the mask forbade it: never expected
+                self.failed[b] = finished[b] = True
+                continue
+            committed[b] = token
+            if token == eos:
+                finished[b] = True
+        return np.array(committed, np.int32), self.ar_masks()
 
     def ar_masks(self):
         """The grammar masks, or the witness's head alone for rows with no slack."""
-        masks_BW = self.fill_masks()
-        for b in np.flatnonzero(~self.finished).tolist():
-            self.force(masks_BW, b, self.budget.forced(b))
+        live = self.live_rows()
+        masks_BW = self._masks(live)
+        forced = self.budget.forced
+        for b in live:
+            self.force(masks_BW, b, forced(b))
         return masks_BW
 
     def advance(self, tokens_BK, counts_B):
@@ -223,7 +242,7 @@ class Session:
         """Row b's mask allows only `token` (None: unchanged)."""
         if token is not None:
             masks_BW[b] = 0
-            masks_BW[b, token // 32] = np.int32(np.uint32(1 << (token % 32)).view(np.int32))
+            masks_BW[b, token // 32] = _BITS[token % 32]
 
     def _walk(self, matcher, tokens_T, children, node, out_TW, ended=False, depth_left=1 << 30):
         """Fill node's mask and its subtree's, down to `depth_left` levels below node; `ended`:
@@ -238,6 +257,9 @@ class Session:
             elif matcher.try_consume_tokens([token]) == 1:
                 self._walk(matcher, tokens_T, children, child, out_TW, False, depth_left - 1)
                 matcher.rollback(1)
+
+
+_BITS = [(1 << k) - (1 << 32 if k == 31 else 0) for k in range(32)]  # int32 word with bit k set
 
 
 def _children(parents_T) -> list[list[int]]:
@@ -262,7 +284,7 @@ def executor():
 
 
 def session(session_id) -> Session:
-    sid = int(np.asarray(session_id))
+    sid = int(session_id)
     if sid not in _SESSIONS:
         raise JaxgenError(f"no open constraint session {sid}: host functions run only inside the `with session:` "
                           "block of the call that opened it")
