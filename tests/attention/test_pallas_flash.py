@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxgen import layouts
-from jaxgen.attention import attention, pallas_flash
+from jaxgen.attention import attention, pallas_chunk, pallas_flash
 from jaxgen.errors import ConfigError
 
 B, H, K, D = 2, 4, 2, 8
@@ -28,11 +28,18 @@ def door(impl, q, k, v, layout, **kw):
     return attention(q, k, v, layout, impl=impl, **kw)
 
 
-# the flash kernel with 8x8 tiles, jitted once: every call of one shape (whatever the layout:
-# the rule reaches the kernel as range arrays) reuses one compiled program, forward and backward
+def out_and_grads(impl, q, k, v, layout, **kw):
+    """The door's output and d(sum sin(out))/d(q, k, v), in one pass."""
+    out, pull = jax.vjp(lambda q, k, v: door(impl, q, k, v, layout, **kw), q, k, v)
+    return (out, *pull(jnp.cos(out)))
+
+
+# the kernels jitted once (8x8 flash tiles): every call of one shape (whatever the layout: the rule
+# reaches a kernel as range arrays) reuses one compiled program, forward and backward
 _flash_small_tiles = jax.jit(
     lambda q, k, v, r, i, m, interp, call=pallas_flash.flash_attention: call(q, k, v, r, i, m, TILE, TILE, interp),
     static_argnums=6)
+_chunk_jitted = jax.jit(pallas_chunk.chunk_attention, static_argnums=(6, 7))
 
 
 def small_tiles(monkeypatch):
@@ -41,6 +48,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(sys.modules["jaxgen.attention"], "CHUNK_KV_BLOCK", TILE)
     monkeypatch.setattr(pallas_flash, "flash_attention",
                         lambda q, k, v, r, i, m, qb, kb, interp: _flash_small_tiles(q, k, v, r, i, m, interp))
+    monkeypatch.setattr(pallas_chunk, "chunk_attention", _chunk_jitted)
 
 
 T = 20  # one length for every layout (even: two streams of 10; 8 + 8 + 4: the last tile ragged), so the
@@ -72,17 +80,23 @@ def test_every_range_layout_equals_the_reference(name, monkeypatch):
 
 def test_chunk_over_a_partly_filled_cache_and_empty_rows(monkeypatch):
     """A 5-query chunk at slots [20, 25) of a 40-slot cache filled to per-row lengths, block
-    causal over slots; a row whose keys are all invalid returns 0 (as the reference)."""
+    causal over slots (the chunk-over-cache kernel, its gradients from the flash kernels): output
+    and gradients equal the reference's; a row whose keys are all invalid returns 0 (as the
+    reference), and its queries get 0 gradient. One compiled program serves every fill."""
     small_tiles(monkeypatch)
     q, k, v = qkv(5, 40, seed=1)
     q_idx = jnp.broadcast_to(20 + jnp.arange(5), (B, 5))
     kv_idx = jnp.broadcast_to(jnp.arange(40), (B, 40))
-    valid = kv_idx < jnp.array([[25], [23]])
-    kw = dict(q_idx_BL=q_idx, kv_idx_BS=kv_idx, kv_valid_BS=valid)
     layout = layouts.block_causal(4)
-    np.testing.assert_allclose(door("pallas", q, k, v, layout, **kw), door("xla", q, k, v, layout, **kw), atol=2e-6)
+    for fill in ((25, 23), (25, 0)):  # per-row filled slots; row 1 of the second sees no key
+        kw = dict(q_idx_BL=q_idx, kv_idx_BS=kv_idx, kv_valid_BS=kv_idx < jnp.array(fill)[:, None])
+        got, want = out_and_grads("pallas", q, k, v, layout, **kw), out_and_grads("xla", q, k, v, layout, **kw)
+        for what, g, w, atol in zip(("out", "dq", "dk", "dv"), got, want, (2e-6, 2e-5, 2e-5, 2e-5)):
+            np.testing.assert_allclose(g, w, atol=atol, err_msg=what)
+    np.testing.assert_array_equal(got[0][1], 0.0)  # row 1 sees no key
+    np.testing.assert_array_equal(got[1][1], 0.0)
     none = dict(kw, kv_valid_BS=jnp.zeros((B, 40), bool))
-    np.testing.assert_array_equal(door("pallas", q, k, v, layout, **none), 0.0)
+    np.testing.assert_array_equal(out_and_grads("pallas", q, k, v, layout, **none)[0], 0.0)
 
 
 def test_tile_skipping_is_conservative_and_skips():
@@ -128,18 +142,6 @@ def test_gradients_equal_the_reference(name, monkeypatch):
     loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(door(impl, q, k, v, layout, **kw)))
     for got, want in zip(jax.grad(loss("pallas"), (0, 1, 2))(q, k, v), jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, atol=2e-5)
-
-
-def test_gradients_over_a_partly_filled_cache_with_an_empty_row(monkeypatch):
-    small_tiles(monkeypatch)
-    q, k, v = qkv(5, 40, seed=3)
-    kw = dict(q_idx_BL=jnp.broadcast_to(20 + jnp.arange(5), (B, 5)), kv_idx_BS=jnp.broadcast_to(jnp.arange(40), (B, 40)),
-              kv_valid_BS=jnp.arange(40)[None, :] < jnp.array([[25], [0]]))
-    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(door(impl, q, k, v, layouts.causal(), **kw)))
-    grads = jax.grad(loss("pallas"), (0, 1, 2))(q, k, v)
-    for got, want in zip(grads, jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(got, want, atol=2e-5)
-    np.testing.assert_array_equal(grads[0][1], 0.0)  # row 1 sees no key
 
 
 def test_compiled_kernel_lowers_for_cuda():
