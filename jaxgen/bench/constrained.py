@@ -45,11 +45,22 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 REGEX = r"def [a-z_][a-z0-9_]{0,15}\(self(, [a-z_][a-z0-9_]{0,11}){0,3}\):"
 SAMPLERS = ("ar", "block_diffusion")
 KINDS = ("json_schema", "regex")
+DEVICE_MASK_SAMPLERS = ("ar", "speculative")  # the samplers that use a constraint's device automaton
 BLOCK_DIFFUSION = dict(block_length=4, denoising_steps=4, remasking="low_confidence_dynamic", threshold=0.9)
 
 
-def make_constraint(kind: str, tokenizer):
-    return constraints.json_schema(SCHEMA, tokenizer) if kind == "json_schema" else constraints.regex(REGEX, tokenizer)
+def make_constraint(kind: str, tokenizer, masks: str = "auto"):
+    build = constraints.json_schema if kind == "json_schema" else constraints.regex
+    return build(SCHEMA if kind == "json_schema" else REGEX, tokenizer, masks=masks)
+
+
+def mask_paths(sampler: str, kind: str, tokenizer) -> list:
+    """The constraint once per mask path the sampler can take: the device automaton (where the
+    constraint has one and the sampler uses it) and llguidance's host matchers."""
+    auto = make_constraint(kind, tokenizer)
+    if sampler in DEVICE_MASK_SAMPLERS and auto.automaton is not None:
+        return [auto, make_constraint(kind, tokenizer, masks="host")]
+    return [auto]
 
 
 def is_valid(kind: str, text: str) -> bool:
@@ -92,12 +103,15 @@ def measure(sampler: str, params, cfg, prompt, kind: str, constraint, new_tokens
     calls = {"unconstrained": sampler_call(sampler, params, cfg, prompt, gen_length), "constrained": constrained}
     free, _ = timed(calls["unconstrained"])  # warm-up
     times = alternate_settled({name: (lambda: None, call) for name, call in calls.items()}, repeats, settle)
+    on_device = sampler in DEVICE_MASK_SAMPLERS and constraint.automaton is not None
+    constraints.sessions._LAST_STATS.clear()
     constrained()
-    stats = constraints.last_stats()  # of that call's session: host calls and the seconds inside them
+    stats = constraints.last_stats() or constraints.Stats()  # that call's session: host calls, seconds in them
     rows = generated_rows(out, prompt.shape[1], tokenizer.eos_id)
     nfe = {"unconstrained": int(free.nfe), "constrained": int(out.nfe)}
     ms_fwd = {name: 1e3 * median(times[name]) / nfe[name] for name in calls}
     return {"sampler": sampler, "batch": prompt.shape[0], "constraint": kind, "gen_length": new_tokens,
+            "masks": "device" if on_device else "host",
             "nfe_unconstrained": nfe["unconstrained"], "nfe_constrained": nfe["constrained"],
             "ms_per_forward_unconstrained": ms_fwd["unconstrained"],
             "ms_per_forward_constrained": ms_fwd["constrained"],
@@ -141,8 +155,9 @@ def run(run_dir: str | None = None, prompt_len: int = 64, new_tokens: int = 64, 
     for sampler in samplers:
         for batch in batches:
             for kind in kinds:
-                rows.append(measure(sampler, fast, cfg, jnp.asarray(prompts[:batch]), kind,
-                                    make_constraint(kind, tokenizer), new_tokens, repeats, settle))
+                for constraint in mask_paths(sampler, kind, tokenizer):
+                    rows.append(measure(sampler, fast, cfg, jnp.asarray(prompts[:batch]), kind, constraint,
+                                        new_tokens, repeats, settle))
     return {"model": f"{run_dir or 'random small'}: {spec.describe(cfg, params)}", "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeats": repeats, "block_diffusion": BLOCK_DIFFUSION,
             "rows": with_ar_reference(rows)}
@@ -150,17 +165,19 @@ def run(run_dir: str | None = None, prompt_len: int = 64, new_tokens: int = 64, 
 
 def report(results: dict) -> str:
     pct = lambda x: "-" if x is None else f"{x:+.1f}%"
-    lines = [f"Constrained decoding (llguidance masks), {results['model']}; prompt {results['prompt_len']} bytes, "
+    lines = [f"Constrained decoding, {results['model']}; prompt {results['prompt_len']} bytes, "
              f"at most {results['new_tokens']} new tokens, greedy, median of {results['repeats']}",
-             f"{'sampler':15} {'batch':>5} {'constraint':11} {'fwd':>4} {'ms/fwd free':>11} {'ms/fwd mask':>11} "
+             f"{'sampler':15} {'batch':>5} {'constraint':11} {'masks':6} {'fwd':>4} {'ms/fwd free':>11} {'ms/fwd mask':>11} "
              f"{'overhead':>9} {'vs AR step':>10} {'host ms':>8} {'ms/token':>9} {'fill us':>8} {'valid':>6}"]
     for r in results["rows"]:
-        lines.append(f"{r['sampler']:15} {r['batch']:>5} {r['constraint']:11} {r['nfe_constrained']:>4} "
+        lines.append(f"{r['sampler']:15} {r['batch']:>5} {r['constraint']:11} {r['masks']:6} {r['nfe_constrained']:>4} "
                      f"{r['ms_per_forward_unconstrained']:11.3f} {r['ms_per_forward_constrained']:11.3f} "
                      f"{pct(r['overhead_pct']):>9} {pct(r['overhead_vs_ar_step_pct']):>10} "
                      f"{r['host_ms_per_forward']:8.3f} "
                      f"{r['ms_per_token_constrained']:9.3f} {r['mask_fill_us']:8.1f} {r['valid_rate']:6.0%}")
-    lines.append("overhead: constrained / unconstrained ms per forward of the same sampler - 1; vs AR step: the "
+    lines.append("masks: device = the constraint's token automaton inside the jitted loop (no host call), host = "
+                 "llguidance matchers through one host call per step; "
+                 "overhead: constrained / unconstrained ms per forward of the same sampler - 1; vs AR step: the "
                  "extra ms per forward in % of the unconstrained AR forward at that batch (goal <= 10%); host ms: "
                  "time inside the host calls (matchers, fills) per forward, the rest of the extra is the round trip "
                  "and the mask on device; ms/token: "

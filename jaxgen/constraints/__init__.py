@@ -12,24 +12,36 @@ Every sampler takes `constraint=None` (unconstrained: the exact old program) and
 raises a JaxgenError after generation, or comes back flagged in `.valid`. Output rows are
 [prompt | grammar string | EOS ... | padding]; special tokens other than EOS never appear.
 
-Design (measured numbers and the automaton alternative in `jaxgen.samplers.ar`'s docstring):
-the masks come from llguidance matchers held on the host, one per row, in a session registered
-under an int id; the jitted loop passes that id (traced, so the program never recompiles per
-constraint) and the committed tokens to one host call per step (`host_call`, a lean
-io_callback) and gets back an int32 bitmask [B, ceil(V/32)] that it unpacks on device.
+Two mask paths, chosen per constraint (`masks="auto"`, the default; or "device" / "host"):
+- device: a regex or a non-recursive JSON schema (`json_regex`) becomes a token automaton
+  (`automaton`: tables next[state, id] and each state's shortest completion) that AR and
+  speculative decoding read inside the jitted loop: no host call at all. Each table is checked
+  against llguidance state by state when the constraint is built; where it cannot be built or
+  differs (Unicode classes like \d, formats, $ref, more than a few thousand states, a
+  multi-byte tokenizer where the grammar forces bytes), the host path is used and
+  `constraint.automaton_reason` says why.
+- host: llguidance matchers held on the host, one per row, in a session registered under an
+  int id; the jitted loop passes that id (traced, so the program never recompiles per
+  constraint) and the committed tokens to one host call per step (`host_call`, a lean
+  io_callback) and gets back an int32 bitmask [B, ceil(V/32)] that it unpacks on device. Lark
+  grammars, and the diffusion samplers (whose out-of-order commits need llguidance's
+  verification) always take it. Measured costs of both: `jaxgen.samplers.ar`'s docstring.
 
 Guarantees (every sampler): a returned row with `.valid` True is a complete grammar string
 followed by EOS / padding; with on_incomplete="error" (default) every returned row is valid,
 else a JaxgenError is raised after generation. Beyond that:
 - AR (`ar.generate`): every token is drawn under the grammar mask, so a row is always a valid
-  prefix. With the length budget (`budget`, default on) a row also completes within
-  gen_length, except when its slack was spent in an unchecked stretch (far from its end) by a
-  jump no cheap repair covered, or when the greedy witness search misses a completion
-  (recursive grammars), both reported by the final check.
+  prefix. Device masks: with the length budget (default on) a row completes within gen_length
+  whenever its grammar has a string that short (the budget is exact). Host masks: with the
+  length budget (`budget`) a row also completes within gen_length, except when its slack was
+  spent in an unchecked stretch (far from its end) by a jump no cheap repair covered, or when
+  the greedy witness search misses a completion (recursive grammars), both reported by the
+  final check.
 - speculative decoding (`speculative.generate`): AR's rule at every committed token (the root's
   budgeted mask, a node's mask after its path, the budget's commits; a row accepts at most the
-  draft tokens its budget takes unchecked), so greedy output equals constrained greedy AR's
-  and the guarantee is AR's.
+  draft tokens its budget takes unchecked; device masks: each node's mask from the automaton
+  state after its path, with the exact budget), so greedy output equals constrained greedy
+  AR's on the same path and the guarantee is AR's.
 - masked / block diffusion: tokens are committed out of order, each step's commits verified
   LAVE-style (`lave`: lookahead fill with the model's current proposals, a verified witness,
   a frontier fallback), so the committed tokens always form a valid prefix and every step
@@ -41,7 +53,12 @@ else a JaxgenError is raised after generation. Beyond that:
   exact shortest completion. Blocks run until clean (at most block_length forwards each), so
   NFE can exceed the unconstrained schedule.
 
-Device-facing API (jit-compatible; `words` = ceil(model vocab / 32); open a session first):
+Device tables (jit-compatible): `auto = constraint.device_automaton(cfg.vocab_size)` (None: no
+tables); inside jit `automaton.allowed(auto, state_B, left_B)` -> bool [B, V] (left_B: tokens a
+row may still emit, None: no budget), `automaton.advance(auto, state_B, tok_B)`,
+`automaton.tree_allowed(auto, state_B, chunk_BC, parents, depth_C, left_B)` -> bool [B, C, V].
+
+Host-session API (jit-compatible; `words` = ceil(model vocab / 32); open a session first):
 
     with open_session(constraint, batch, gen_length, cfg.vocab_size) as s:   # host, outside jit
         sid = jnp.int32(s.id)                                                # pass it traced
@@ -83,27 +100,30 @@ through fresh matchers and returns seconds per mask fill.
 """
 from __future__ import annotations
 
-from jaxgen.constraints import device  # noqa: F401
+import jax
+import jax.numpy as jnp
+
+from jaxgen.constraints import automaton, device  # noqa: F401
 from jaxgen.constraints.backend import INSTALL_HINT, llguidance  # noqa: F401
 from jaxgen.constraints.constraint import (ON_INCOMPLETE, ConstrainedOutput, Constraint,  # noqa: F401
                                            check_constraint, check_no_policy, finish)
 from jaxgen.constraints.sessions import Session, Stats, last_stats  # noqa: F401
 
 
-def json_schema(schema, tokenizer, *, length_budget: bool = True) -> Constraint:
+def json_schema(schema, tokenizer, *, length_budget: bool = True, masks: str = "auto") -> Constraint:
     """A JSON schema (dict or JSON text). Output is compact JSON (no free whitespace) unless the
-    schema's "x-guidance" options say otherwise. length_budget: see `Constraint`."""
-    return Constraint("json_schema", schema, tokenizer, length_budget=length_budget)
+    schema's "x-guidance" options say otherwise. length_budget, masks: see `Constraint`."""
+    return Constraint("json_schema", schema, tokenizer, length_budget=length_budget, masks=masks)
 
 
-def regex(pattern: str, tokenizer, *, length_budget: bool = True) -> Constraint:
+def regex(pattern: str, tokenizer, *, length_budget: bool = True, masks: str = "auto") -> Constraint:
     """A regular expression (Rust regex syntax) the whole output must match."""
-    return Constraint("regex", pattern, tokenizer, length_budget=length_budget)
+    return Constraint("regex", pattern, tokenizer, length_budget=length_budget, masks=masks)
 
 
-def grammar(lark_text: str, tokenizer, *, length_budget: bool = True) -> Constraint:
+def grammar(lark_text: str, tokenizer, *, length_budget: bool = True, masks: str = "auto") -> Constraint:
     """A Lark grammar (llguidance's dialect; `start` is the start rule)."""
-    return Constraint("grammar", lark_text, tokenizer, length_budget=length_budget)
+    return Constraint("grammar", lark_text, tokenizer, length_budget=length_budget, masks=masks)
 
 
 def open_session(constraint: Constraint, batch: int, gen_length: int, vocab_size: int,
@@ -111,6 +131,17 @@ def open_session(constraint: Constraint, batch: int, gen_length: int, vocab_size
     """Fresh matchers for `batch` rows; use as `with open_session(...) as s:` around the jitted
     call (and block on its result inside the block). mask_id: the diffusion samplers' MASK."""
     return Session(constraint, batch, gen_length, vocab_size, mask_id)
+
+
+def run_constrained(run, constraint: Constraint, batch: int, gen_length: int, vocab_size: int):
+    """Call a sampler's jitted program, `run(grammar, stop_at_eos=True, **static)`, with the
+    constraint's device tables (and static `length_budget`), or else inside an open host
+    session with its traced id. `grammar` is the program's session argument."""
+    tables = constraint.device_automaton(vocab_size)
+    if tables is not None:  # no host call: the tables ride along as a traced argument
+        return run(tables, stop_at_eos=True, length_budget=constraint.length_budget)
+    with open_session(constraint, batch, gen_length, vocab_size) as session:
+        return jax.block_until_ready(run(jnp.int32(session.id), stop_at_eos=True))
 
 
 def mask_fill_seconds(constraint: Constraint, token_rows, vocab_size: int | None = None) -> float:
@@ -126,5 +157,5 @@ def mask_fill_seconds(constraint: Constraint, token_rows, vocab_size: int | None
     return s.stats.fill_seconds / max(1, s.stats.fills)
 
 
-__all__ = ["json_schema", "regex", "grammar", "Constraint", "ConstrainedOutput", "open_session", "device",
-           "mask_fill_seconds", "last_stats", "Stats", "INSTALL_HINT"]
+__all__ = ["json_schema", "regex", "grammar", "Constraint", "ConstrainedOutput", "open_session", "device", "automaton",
+           "mask_fill_seconds", "last_stats", "run_constrained", "Stats", "INSTALL_HINT"]

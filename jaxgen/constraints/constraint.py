@@ -6,11 +6,12 @@ import flax.struct
 import jax
 import numpy as np
 
-from jaxgen.constraints import backend
+from jaxgen.constraints import automaton, backend
 from jaxgen.decoding.loop import SamplerOutput
 from jaxgen.errors import JaxgenError
 
 ON_INCOMPLETE = ("error", "return")
+MASK_PATHS = ("auto", "device", "host")
 
 
 class Constraint:
@@ -20,10 +21,18 @@ class Constraint:
     kind ("json_schema" | "regex" | "grammar"), source, tokenizer, grammar (llguidance's
     grammar text), vocab_size and eos_id (the tokenizer's), allowed_W (int32 bits of the ids a
     constraint may ever allow: non-special tokens and EOS), length_budget (keep every row
-    completable within gen_length: `jaxgen.constraints.budget`, and the witness of `lave`).
+    completable within gen_length: `jaxgen.constraints.budget`, and the witness of `lave`),
+    automaton (the verified device-side token automaton, `jaxgen.constraints.automaton`, that
+    AR and speculative decoding use instead of host calls; None where there is none, and
+    `automaton_reason` says why).
+
+    masks: "auto" (the device automaton where it exists, else llguidance on the host), "device"
+    (the automaton or a JaxgenError saying why there is none) or "host" (always the host).
     """
 
-    def __init__(self, kind: str, source, tokenizer, *, length_budget: bool = True):
+    def __init__(self, kind: str, source, tokenizer, *, length_budget: bool = True, masks: str = "auto"):
+        if masks not in MASK_PATHS:
+            raise JaxgenError(f"masks={masks!r}; use one of {', '.join(map(repr, MASK_PATHS))}")
         self.kind, self.source, self.tokenizer = kind, source, tokenizer
         self.length_budget = bool(length_budget)
         self.ll_tokenizer = backend.ll_tokenizer(tokenizer)
@@ -36,6 +45,23 @@ class Constraint:
         self._search_order = None  # jaxgen.constraints.budget.search_order, built on first use
         self._candidates = {}  # jaxgen.constraints.budget.Searcher: candidates per distinct mask,
         self._start_witness = {}  # and the search from the grammar's start per budget
+        self.automaton, self.automaton_reason, self._on_device = None, "masks='host'", {}
+        if masks != "host":
+            try:
+                self.automaton, self.automaton_reason = automaton.build(self), None
+            except automaton.regex_dfa.Unsupported as e:
+                self.automaton_reason = str(e)
+                if masks == "device":
+                    raise JaxgenError(f"masks='device': this {kind} has no device automaton ({e}); use "
+                                      "masks='auto' or 'host' for llguidance's host-side masks") from None
+
+    def device_automaton(self, vocab_size: int):
+        """The automaton's tables for a model of `vocab_size` ids (None: host path)."""
+        if self.automaton is None:
+            return None
+        if vocab_size not in self._on_device:
+            self._on_device[vocab_size] = automaton.on_device(self.automaton, vocab_size)
+        return self._on_device[vocab_size]
 
     def __repr__(self):
         return f"Constraint({self.kind}, {backend._shown(str(self.source))!r}, tokenizer={self.tokenizer.name})"

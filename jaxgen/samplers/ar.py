@@ -6,41 +6,35 @@ Ragged batches: with `prompt_lengths`, `prompt` is right-padded and row i's prom
 row i's output, its first `prompt_lengths[i] + gen_length` tokens, is the one it gets
 decoded alone; the columns after that hold padding (cfg.pad_id, else EOS, else 0).
 
-Constrained decoding (`constraint=`, see `jaxgen.constraints`): every token is drawn under an
-int32 bitmask [B, ceil(V/32)] that one llguidance matcher per row, held on the host, fills
-from the tokens committed so far. One host call per step, between drawing a token and writing
-it, gives the matchers the drawn tokens and returns the next masks (so a mask never lags the
-tokens), which the next step unpacks on device. The session id is a traced argument: one
-compiled program serves every constraint of the same shapes. A row whose grammar is complete
-gets the EOS-only mask (then EOS padding, as stop_at_eos). A length budget
-(`jaxgen.constraints.budget`) keeps each row completable within gen_length: near the end the
-host may replace a drawn token that leaves no completion by the witness's next token. After
-generation every row is checked: invalid rows raise a JaxgenError (on_incomplete="error") or
-come back flagged in `.valid` ("return").
+Constrained decoding (`constraint=`, see `jaxgen.constraints`): every token is drawn under the
+grammar's mask, by one of two paths that allow the same ids after the same prefix:
+- device masks (a regex or a non-recursive JSON schema with a small enough automaton,
+  `jaxgen.constraints.automaton`): the carry holds each row's automaton state; the mask is a
+  gather of the table's row, the next state a gather of the drawn token's column. No host call.
+  The length budget is exact: an id is allowed only if the row can still finish after it
+  within gen_length (the table knows every state's shortest completion).
+- host masks (Lark grammars, larger automata, `masks="host"`): one llguidance matcher per row,
+  held on the host, fills an int32 bitmask [B, ceil(V/32)] from the tokens committed so far.
+  One host call per step, between drawing a token and writing it, gives the matchers the drawn
+  tokens and returns the next masks (so a mask never lags the tokens), which the next step
+  unpacks on device. The session id is a traced argument: one compiled program serves every
+  constraint of the same shapes. The length budget (`jaxgen.constraints.budget`) keeps each
+  row completable by a greedy witness search: near the end the host may replace a drawn token
+  that leaves no completion by the witness's next token.
+Either way a row whose grammar is complete gets the EOS-only mask (then EOS padding, as
+stop_at_eos), and after generation every row is checked by llguidance: invalid rows raise a
+JaxgenError (on_incomplete="error") or come back flagged in `.valid` ("return").
 
-Why a host callback and not a device-side token automaton ([states, V] transition table,
-mask = table[state] >= 0): measured on the `small` preset, random weights, gen 64, temperature
-1, on this project's 2-core CPU box shared with other jobs (min of 9-15 interleaved runs; the
-box's noise is about +-10%), one decode step costs 0.9-1.0 ms at B=1 and 1.9-2.0 ms at B=8:
-- `io_callback` has a fixed cost of 117-140 us per call in a bare loop (~105 us of it copying
-  the arguments onto a jax device) and ~210 us in the model's loop; our lean host call
-  (`constraints.host_call`, the same XLA custom call without the copy) 10 us and ~30 us.
-- llguidance's mask fill (byte vocabulary, JSON schema / regex) is 3.5-16 us per row; the whole
-  host step (matchers, fill, budget) replayed with warm caches is 8-23 us at B=1 and 21-165 us
-  at B=8 (165: the budget's witness searches with an untrained model's random JSON structure),
-  and 35 us (B=1) / 130-155 us (B=8) median inside the decode loop, where the model evicts
-  llguidance's caches and XLA's spinning workers compete for the two cores.
-- end to end (JSON schema): +15% (B=1) / +20% (B=8) per step without the length budget,
-  +23% / +21-32% with it, the io_callback variant +25-28%. The <= 10% goal holds for the
-  components at B=1 (~65 us on ~1 ms) but not end to end on this box; on an accelerator the
-  host's caches stay warm (the replay numbers) while the device runs the model.
-- a device automaton (outlines-core index for `[a-z ]{64}` on the byte vocabulary: 65 states, a
-  0.07 MB table, built in ~1 ms) costs a [B, V] gather per step: no measurable overhead. It was
-  not chosen: it needs a second back end (outlines-core), covers regexes and JSON schemas but
-  not Lark grammars, its table is states x V (a 128k vocabulary times thousands of states of a
-  real schema is gigabytes), and the diffusion samplers' prefix verification and speculative
-  decoding's draft-tree masks would need their own implementations over the table, where
-  llguidance gives them (validate, rollback) for every grammar.
+Why both: on this project's 2-core CPU box (`small` preset, B=1, 64 steps), a host call in the
+decode loop costs 65-95 us per step even when the host function does nothing: the unconstrained
+step is ~0.45 ms, with a no-op host call ~0.52-0.56 ms, with the same loop's masks computed on
+device ~0.45 ms (measured by swapping `device.ar_step` for a pure jnp function). The cost is
+XLA:CPU's, not Python's: in a bare while loop around a 2048x2048 matvec one no-op host call adds
+~195 us per iteration and a second one ~50 us more, and the process context-switches ~3x as
+often (`perf stat`), i.e. threads sleep and are woken around the callback. Running the host step
+on a worker thread while the next forward runs hides the host work but needs a second host call
+per step, and came out slower. So regular constraints get tables (no host call), and
+everything else keeps the host path, whose fixed cost is that of one host call per step.
 """
 from __future__ import annotations
 
@@ -105,8 +99,7 @@ def generate(params, cfg, prompt, key, gen_length: int | None = None, temperatur
         constraints.check_no_policy(on_incomplete)
         return run(None, stop_at_eos=stop_at_eos)
     constraints.check_constraint(constraint, cfg, eos, on_incomplete)
-    with constraints.open_session(constraint, prompt.shape[0], gen_length, cfg.vocab_size) as session:
-        out = jax.block_until_ready(run(jnp.int32(session.id), stop_at_eos=True))
+    out = constraints.run_constrained(run, constraint, prompt.shape[0], gen_length, cfg.vocab_size)
     return constraints.finish(out, constraint, lengths, gen_length, on_incomplete)
 
 
@@ -115,20 +108,28 @@ def pad_token(cfg, eos):
     return jnp.int32(cfg.pad_id) if cfg.pad_id is not None else jnp.maximum(eos, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos", "greedy", "ragged"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos", "greedy", "ragged",
+                                             "length_budget"))
 def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, eos, session, *, max_new_tokens,
-              stop_at_eos, greedy, ragged):
-    """`session`: None (unconstrained), or the traced id of an open constraint session; the
-    carry is then (last tokens [B], their next-token masks [B, W]) instead of the last tokens."""
+              stop_at_eos, greedy, ragged, length_budget=False):
+    """`session`: None (unconstrained), the traced id of an open constraint session, or a
+    `constraints.automaton.TokenAutomaton` (device masks; `length_budget` static); the carry is
+    then (last tokens [B], their next-token masks [B, W] or automaton states [B]) instead of
+    the last tokens."""
     B, P = prompt.shape
     N = max_new_tokens
     temperature = 0.0 if greedy else temperature  # static greedy: no branch inside the loop
     causal = layouts.causal()
     constrained = session is not None
+    on_device = isinstance(session, constraints.automaton.TokenAutomaton)
     words = -(-cfg.vocab_size // 32)
 
     def propose(logits_BV, state):
-        if constrained:
+        if on_device:  # tokens left for each row, this one included: N - step
+            left_B = jnp.full((B,), N, jnp.int32) - state.step if length_budget else None
+            logits_BV = constraints.automaton.mask_logits(
+                logits_BV, constraints.automaton.allowed(session, state.carry[1], left_B))
+        elif constrained:
             logits_BV = constraints.device.apply_mask(logits_BV, state.carry[1])
         tok, _ = sample_tokens(forbid_mask_token(logits_BV, cfg), loop.step_key(key, state.step), temperature, top_k,
                                top_p)
@@ -138,7 +139,9 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, eo
         """Write each row's token at its next column; a stopped row writes EOS."""
         tok_B = jnp.where(state.done, eos, tok_B)
         carry = tok_B
-        if constrained:  # the matchers take the tokens: next masks, never lagging the tokens
+        if on_device:
+            carry = (tok_B, constraints.automaton.advance(session, state.carry[1], tok_B))
+        elif constrained:  # the matchers take the tokens: next masks, never lagging the tokens
             tok_B, mask_BW = constraints.device.ar_step(session, tok_B, ~state.done, words)
             carry = (tok_B, mask_BW)
         tokens = cache_lib.place_rows(state.tokens, tok_B[:, None], next_column(state))
@@ -162,7 +165,11 @@ def _generate(params, cfg, prompt, lengths_B, key, temperature, top_k, top_p, eo
     logits, cache = forward(params, cfg, prompt, layout=causal, cache=cache)  # padded rows: extra slots, ignored
     cache = cache_lib.with_lengths(cache, lengths_B)
     canvas = jnp.concatenate([prompt, jnp.zeros((B, N), jnp.int32)], axis=1)
-    first_carry = (None, constraints.device.ar_start(session, B, words)) if constrained else None
+    first_carry = None
+    if on_device:
+        first_carry = (None, jnp.zeros((B,), jnp.int32))
+    elif constrained:
+        first_carry = (None, constraints.device.ar_start(session, B, words))
     state = loop.new_state(canvas, cache, nfe=1, carry=first_carry)
     first = propose(loop.take_at(logits, lengths_B - 1), state)
     state = update(state, first, None, cache).replace(step=jnp.int32(1))

@@ -97,6 +97,7 @@ class Rows:
     end: jax.Array  # int32 [B]
     forwards: jax.Array  # int32 [B]: target forwards while the row was decoding
     drafter: object  # the drafter's state
+    grammar: object = None  # int32 [B]: the token automaton's state after [0, end) (device masks)
 
 
 def generate(params, cfg, prompt, key, gen_length: int | None = None, drafter: str = "prompt_lookup",
@@ -142,8 +143,7 @@ def generate(params, cfg, prompt, key, gen_length: int | None = None, drafter: s
         constraints.check_no_policy(on_incomplete)
         return run(None, stop_at_eos=stop_at_eos)
     constraints.check_constraint(constraint, cfg, eos, on_incomplete)
-    with constraints.open_session(constraint, B, gen_length, cfg.vocab_size) as session:
-        out = jax.block_until_ready(run(jnp.int32(session.id), stop_at_eos=True))
+    out = constraints.run_constrained(run, constraint, B, gen_length, cfg.vocab_size)
     checked = constraints.finish(out, constraint, lengths, gen_length, on_incomplete)
     return ConstrainedSpeculativeOutput(tokens=out.tokens, nfe=out.nfe, accepted=out.accepted, valid=checked.valid)
 
@@ -237,11 +237,13 @@ def kept_columns(tokens_BL, lengths_B, end_B, eos):
     return jnp.where(jnp.any(eos_BL, axis=1), jnp.argmax(eos_BL, axis=1) + 1, end_B)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "gen_length", "ragged", "stop_at_eos"))
+@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "gen_length", "ragged", "stop_at_eos",
+                                             "length_budget"))
 def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session, *, drafter, gen_length, ragged,
-              stop_at_eos):
-    """`session`: None (unconstrained: no host call), or the traced id of an open constraint
-    session (masks and commits through AR's length budget)."""
+              stop_at_eos, length_budget=False):
+    """`session`: None (unconstrained: no host call), the traced id of an open constraint
+    session (masks and commits through AR's length budget), or a
+    `constraints.automaton.TokenAutomaton` (device masks, AR's exact budget if `length_budget`)."""
     B, P = prompt.shape
     parents = drafter.parents
     N, chain = len(parents), verify_lib.is_chain(parents)
@@ -252,9 +254,16 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
     k_first, k_draft, k_verify = jax.random.split(key, 3)
     draft_kw = {"warp": warp} if drafter.uses_warp else {}
     constrained, words = session is not None, -(-cfg.vocab_size // 32)
+    on_device = isinstance(session, constraints.automaton.TokenAutomaton)
+    auto = constraints.automaton
 
-    def grammar_masks(chunk_BC):
-        """(each chunk row's mask [B, C, W], free [B]: the draft depth a row may accept), or None."""
+    def grammar_masks(chunk_BC, rows):
+        """(each chunk row's mask [B, C, W] (device masks: bool [B, C, V]), free [B]: the draft
+        depth a row may accept), or None."""
+        if on_device:
+            left_B = limit_B - rows.end if length_budget else None  # tokens left for the root's next one
+            return auto.tree_allowed(session, rows.grammar, chunk_BC, tables.chunk_parents, tables.depth_C,
+                                     left_B), None
         if not constrained:
             return None
         return constraints.device.budget_tree_masks(session, chunk_BC, tuple(tables.chunk_parents), words)
@@ -263,15 +272,20 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
         """The logits verification sees: constrained, each chunk row's masked by the grammar
         after the committed tokens and the row's path (the root's: AR's budgeted mask)."""
         logits_BCV = forbid_mask_token(logits_BCV, cfg)
+        if on_device:
+            return auto.mask_logits(logits_BCV, grammar[0])
         return logits_BCV if grammar is None else constraints.device.apply_mask(logits_BCV, grammar[0])
 
     def first_token(last_BV):
         """The first new token, drawn under AR's first mask and committed as `ar.generate` does."""
         last_BV = forbid_mask_token(last_BV, cfg)
-        if constrained:
+        if on_device:
+            left_B = jnp.full((B,), gen_length, jnp.int32) if length_budget else None
+            last_BV = auto.mask_logits(last_BV, auto.allowed(session, jnp.zeros((B,), jnp.int32), left_B))
+        elif constrained:
             last_BV = constraints.device.apply_mask(last_BV, constraints.device.ar_start(session, B, words))
         first_B, _ = warp.pick(last_BV, k_first)
-        if constrained:  # the matchers take it (the budget may replace it)
+        if constrained and not on_device:  # the matchers take it (the budget may replace it)
             first_B = constraints.device.budget_advance(session, first_B[:, None], jnp.ones((B,), jnp.int32))[:, 0]
         return first_B
 
@@ -281,7 +295,7 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
                                                        loop.step_key(k_draft, state.step), **draft_kw)
         n_B = rows.end - 1  # the root's slot
         chunk_BC = jnp.concatenate([loop.take_at(state.tokens, n_B)[:, None], draft_BN.astype(jnp.int32)], axis=1)
-        grammar = grammar_masks(chunk_BC)
+        grammar = grammar_masks(chunk_BC, rows)
         tree_args = {} if chain else dict(positions=n_B[:, None] + tables.depth_C, layout_idx_BL=n_B[:, None]
                                           + jnp.arange(N + 1), split_B=n_B)
         start = n_B[0] if B == 1 else n_B  # one row: a plain in-place slice write, as ar.generate's
@@ -297,7 +311,7 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
     def rule(proposal, state):
         _, chunk_BC, q_BNV, _, grammar, target = proposal
         draft_BN = chunk_BC[:, 1:]
-        if constrained:  # the length budget: no node past a row's free tokens
+        if constrained and not on_device:  # the length budget: no node past a row's free tokens
             draft_BN, target, q_BNV = untried_beyond(grammar[1], tables.depth_C[1:], draft_BN, target, q_BNV,
                                                      cfg.vocab_size, greedy=warp.greedy)
         # greedy verification draws nothing: no per-row keys (a threefry split per step)
@@ -311,7 +325,11 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
         rows, live = state.carry, ~state.done
         end = jnp.where(live, jnp.minimum(rows.end + accepted_B + 1, limit_B), rows.end)
         new_BK = written_tokens(chunk_BC, path_BD, accepted_B, next_B)
-        if constrained:  # the matchers take the committed tokens (the budget may replace the last)
+        grammar = rows.grammar
+        if on_device:  # each row's automaton takes its committed tokens
+            for i in range(new_BK.shape[1]):
+                grammar = jnp.where(i < end - rows.end, auto.advance(session, grammar, new_BK[:, i]), grammar)
+        elif constrained:  # the matchers take the committed tokens (the budget may replace the last)
             new_BK = constraints.device.budget_advance(session, new_BK, end - rows.end)
         tokens = jnp.where(live[:, None], place_rows(state.tokens, new_BK, rows.end), state.tokens)
         if not chain:
@@ -321,12 +339,16 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
         done = end >= limit_B
         if stop_at_eos:
             done = done | state.done | emits_eos(new_BK, end - rows.end, eos)
-        carry = Rows(end, rows.forwards + live, drafter_state)
+        carry = Rows(end, rows.forwards + live, drafter_state, grammar)
         return state.replace(tokens=tokens, cache=cache, carry=carry, done=done)
 
     recipe = loop.Recipe(forward=step_forward, propose=propose, rule=rule, update=update)
     state = _prefill(params, cfg, prompt, lengths_B, first_token, T, gen_length,
                      drafter.init(operands, cfg, prompt, lengths_B, T))
+    if on_device:  # the automaton after each row's first token
+        first_B = loop.take_at(state.tokens, lengths_B)
+        state = state.replace(carry=state.carry.replace(grammar=auto.advance(session, jnp.zeros((B,), jnp.int32),
+                                                                             first_B)))
     if stop_at_eos:
         state = state.replace(done=state.done | (loop.take_at(state.tokens, lengths_B) == eos))
     state = loop.run(recipe, state, gen_length)

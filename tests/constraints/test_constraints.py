@@ -146,6 +146,16 @@ def test_hf_tokenizer_constraint(tmp_path):
         allowed = backend.unpack_bits(s.fill_masks(), tok.vocab_size)[0]
         assert allowed.any() and not allowed[[tok.bos_id, tok.mask_id, tok.token_id("<unk>")]].any()
         assert all(tok.token(i).startswith("{") for i in np.flatnonzero(allowed))
+    # where the grammar forces bytes ('{"a":'), llguidance allows only their canonical first token
+    # ('{"', not '{'); the tables do not model that rule, their check finds it: the host path stays
+    assert c.automaton is None and "differs from llguidance" in c.automaton_reason
+    words = constraints.regex(r"[ab]{1,3}x|(yes|no)", tok)  # nothing forced: multi-byte tokens agree
+    assert words.automaton is not None
+    for text in ("abx", "ax", "yes", "no", "abab", "ye", "bbbx"):
+        ids, state = list(tok.encode(text)) + [tok.eos_id], 0
+        for t in ids:
+            state = words.automaton.next_SV[state, t] if state >= 0 else -1
+        assert (state == words.automaton.states - 1) == words.accepts(ids), text
 
 
 # host pieces
@@ -237,8 +247,10 @@ def test_host_call_fallback_gives_the_same_results(monkeypatch):
 # AR
 
 
-def test_ar_json_regex_and_lark_rows_are_all_valid(tiny, json_c, regex_c):
+@pytest.mark.parametrize("masks", ["device", "host"])
+def test_ar_json_regex_and_lark_rows_are_all_valid(tiny, masks):
     cfg, params = tiny
+    json_c, regex_c = constraints.json_schema(SCHEMA, TOK, masks=masks), constraints.regex(PATTERN, TOK, masks=masks)
     prompt = jnp.asarray([[256, 72, 105]], jnp.int32)
     run = lambda c, seed: ar.generate(params, cfg, prompt, jax.random.key(seed), gen_length=GEN,  # noqa: E731
                                       temperature=1.0, constraint=c)
@@ -247,10 +259,11 @@ def test_ar_json_regex_and_lark_rows_are_all_valid(tiny, json_c, regex_c):
     for seed in range(3):
         assert_json_rows(generated(run(json_c, seed), 3))
         assert_regex_rows(generated(run(regex_c, seed), 3))
-        out = run(constraints.grammar(LARK, TOK), seed)
+        out = run(constraints.grammar(LARK, TOK), seed)  # no automaton for Lark: the host path
         assert out.valid.all() and GREETING.fullmatch(text_of(generated(out, 3)[0]))
-    assert_regex_rows(generated(run(constraints.regex(PATTERN, TOK, length_budget=False), 0), 3))
-    assert ar._generate._cache_size() == compiled  # one program serves every constraint of these shapes
+    assert_regex_rows(generated(run(constraints.regex(PATTERN, TOK, length_budget=False, masks=masks), 0), 3))
+    # one program serves every constraint of these shapes (device tables: of the same padded size)
+    assert ar._generate._cache_size() == compiled + (masks == "device") * 2  # + Lark's host program, + no budget
 
 
 def test_ar_ragged_batch(tiny, regex_c):
@@ -277,13 +290,42 @@ def test_ar_unsatisfiable_constraint_raises_or_flags(tiny):
         ar.generate(params, cfg, prompt, jax.random.key(0), gen_length=4, constraint=c, eos_id=3)
 
 
-def test_unconstrained_programs_hold_no_host_call(tiny):
+def test_unconstrained_and_device_mask_programs_hold_no_host_call(tiny, regex_c):
     cfg, params = tiny
     program = lambda p, session: ar._generate(  # noqa: E731
         p, cfg, jnp.ones((1, 3), jnp.int32), jnp.full((1,), 3), jax.random.key(0), 0.0, 0, 1.0, 257, session,
         max_new_tokens=4, stop_at_eos=True, greedy=True, ragged=False)
     assert "jaxgen_host_call" in str(jax.make_jaxpr(program)(params, jnp.int32(0)))
     assert "host_call" not in str(jax.make_jaxpr(program)(params, None))
+    assert "host_call" not in str(jax.make_jaxpr(program)(params, regex_c.device_automaton(cfg.vocab_size)))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ar_device_masks_draw_the_host_paths_tokens(tiny, temperature):
+    """Without a length budget both paths allow exactly the same ids after the same prefix
+    (the tables were checked against llguidance), so they draw the same tokens."""
+    cfg, params = tiny
+    prompt = jnp.asarray([[256, 72, 105, 33], [256, 65, 258, 258], [256, 258, 258, 258]], jnp.int32)
+    lengths = np.array([4, 2, 1])
+    for build, source in [(constraints.json_schema, SCHEMA), (constraints.regex, PATTERN)]:
+        outs = [ar.generate(params, cfg, prompt, jax.random.key(2), gen_length=GEN, temperature=temperature,
+                            prompt_lengths=lengths, constraint=build(source, TOK, length_budget=False, masks=masks),
+                            on_incomplete="return") for masks in ("device", "host")]
+        np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+        np.testing.assert_array_equal(outs[0].valid, outs[1].valid)
+
+
+def test_ar_device_budget_is_exact(tiny):
+    """12 tokens for an e-mail address: the host budget's greedy witness search can leave a row
+    without a completion (it then raises or flags it); the device tables know every state's
+    shortest completion, so every row, greedy or sampled, completes."""
+    cfg, params = tiny
+    email = r"[a-z]{2,5}@[a-z]{2,4}\.(com|org)"
+    prompt = jnp.asarray(np.random.default_rng(0).integers(97, 123, (8, 3)), jnp.int32)
+    for temperature in (0.0, 1.0):
+        out = ar.generate(params, cfg, prompt, jax.random.key(0), gen_length=12, temperature=temperature,
+                          constraint=constraints.regex(email, TOK, masks="device"))
+        assert_regex_rows(generated(out, 3, 12), email)
 
 
 # diffusion

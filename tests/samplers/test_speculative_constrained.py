@@ -2,7 +2,8 @@
 JSON-schema / regex rows from an untrained model with a chain drafter (prompt lookup) and a tree
 drafter (Token Recycling), greedy and sampled, batch 1 and a ragged batch; constrained greedy
 output equal to constrained greedy `ar.generate` token for token (its length budget forcing
-tokens included); `stop_at_eos` equal to AR's; the budget's free tokens; the argument checks.
+tokens included), with the device token automaton and with the host matchers; `stop_at_eos`
+equal to AR's; the budget's free tokens; the argument checks.
 Shapes are shared between tests so each program compiles once."""
 import dataclasses
 import json
@@ -46,18 +47,31 @@ def tiny():
     return cfg, model.init(dataclasses.replace(cfg, init_std=0.5), jax.random.key(0))
 
 
+def build_grammars(masks: str) -> dict:
+    built = {name: constraints.regex(pattern, TOK, masks=masks) for name, pattern in PATTERNS.items()}
+    return dict(json=constraints.json_schema(SCHEMA, TOK, masks=masks), **built)
+
+
 @pytest.fixture(scope="module")
 def grammars():
-    built = {name: constraints.regex(pattern, TOK) for name, pattern in PATTERNS.items()}
-    return dict(json=constraints.json_schema(SCHEMA, TOK), **built)
+    """Device masks (the token automaton; every grammar here has one)."""
+    return build_grammars("device")
 
 
 @pytest.fixture(scope="module")
-def ar_greedy(tiny, grammars):
-    """Constrained greedy AR tokens of the ragged batch, per grammar."""
+def host_grammars():
+    """llguidance's host matchers, through host calls."""
+    return build_grammars("host")
+
+
+@pytest.fixture(scope="module")
+def ar_greedy(tiny, grammars, host_grammars):
+    """Constrained greedy AR tokens of the ragged batch, per mask path and grammar."""
     cfg, params = tiny
-    return {name: np.asarray(ar.generate(params, cfg, RAGGED, jax.random.key(0), GEN, prompt_lengths=LENGTHS,
-                                         constraint=c).tokens) for name, c in grammars.items()}
+    run = lambda c: np.asarray(ar.generate(params, cfg, RAGGED, jax.random.key(0), GEN,  # noqa: E731
+                                           prompt_lengths=LENGTHS, constraint=c).tokens)
+    return {masks: {name: run(c) for name, c in built.items()}
+            for masks, built in (("device", grammars), ("host", host_grammars))}
 
 
 def spec(tiny, prompt, key=0, **kw):
@@ -82,11 +96,12 @@ def assert_valid_rows(name, tokens, starts):
             assert re.fullmatch(PATTERNS[name], text), (name, text)
 
 
+@pytest.mark.parametrize("masks", ["device", "host"])
 @pytest.mark.parametrize("drafter", list(DRAFTERS))
-def test_greedy_equals_constrained_greedy_ar(tiny, grammars, ar_greedy, drafter):
-    for name, c in grammars.items():
+def test_greedy_equals_constrained_greedy_ar(tiny, grammars, host_grammars, ar_greedy, drafter, masks):
+    for name, c in (grammars if masks == "device" else host_grammars).items():
         out = spec(tiny, RAGGED, prompt_lengths=LENGTHS, constraint=c, **DRAFTERS[drafter])
-        np.testing.assert_array_equal(np.asarray(out.tokens), ar_greedy[name], err_msg=name)
+        np.testing.assert_array_equal(np.asarray(out.tokens), ar_greedy[masks][name], err_msg=name)
         assert np.asarray(out.valid).all()
         assert_valid_rows(name, out.tokens, LENGTHS)
         assert (np.asarray(out.tokens)[2, 3 + GEN:] == TOK.pad_id).all()  # padding after a short row's output
@@ -94,16 +109,17 @@ def test_greedy_equals_constrained_greedy_ar(tiny, grammars, ar_greedy, drafter)
             assert float(out.accepted) > 1.2  # drafts are accepted under the grammar masks
 
 
-@pytest.mark.parametrize("drafter,prompt,lengths,warpers", [
-    ("prompt_lookup", ONE, None, dict(temperature=1.0, top_k=50)),
-    ("token_recycling", RAGGED, LENGTHS, dict(temperature=1.0)),
+@pytest.mark.parametrize("drafter,prompt,lengths,warpers,masks", [
+    ("prompt_lookup", ONE, None, dict(temperature=1.0, top_k=50), "device"),
+    ("token_recycling", RAGGED, LENGTHS, dict(temperature=1.0), "device"),
+    ("token_recycling", RAGGED, LENGTHS, dict(temperature=1.0), "host"),
 ])
-def test_sampled_rows_are_all_valid(tiny, grammars, drafter, prompt, lengths, warpers):
+def test_sampled_rows_are_all_valid(tiny, grammars, host_grammars, drafter, prompt, lengths, warpers, masks):
     starts = LENGTHS if lengths is not None else [prompt.shape[1]]
     for seed in range(2):
         for name in ("json", "email", "quoted"):
-            out = spec(tiny, prompt, seed, prompt_lengths=lengths, constraint=grammars[name], **DRAFTERS[drafter],
-                       **warpers)
+            c = (grammars if masks == "device" else host_grammars)[name]
+            out = spec(tiny, prompt, seed, prompt_lengths=lengths, constraint=c, **DRAFTERS[drafter], **warpers)
             assert np.asarray(out.valid).all()
             assert_valid_rows(name, out.tokens, starts)
 
@@ -181,7 +197,7 @@ def test_nodes_past_free_are_neither_accepted_nor_tried(parents):
             assert int(nxt) == next_C[end], (greedy, free)
 
 
-def test_unconstrained_program_holds_no_host_call(tiny):
+def test_unconstrained_and_device_mask_programs_hold_no_host_call(tiny, grammars):
     cfg, params = tiny
     d = speculative.configured_drafter("prompt_lookup", 3, None, cfg)
     program = lambda session: speculative._generate(  # noqa: E731
@@ -189,6 +205,7 @@ def test_unconstrained_program_holds_no_host_call(tiny):
         None, jnp.int32(257), session, drafter=d, gen_length=4, ragged=False, stop_at_eos=session is not None)
     assert "jaxgen_host_call" in str(jax.make_jaxpr(program)(jnp.int32(0)))
     assert "host_call" not in str(jax.make_jaxpr(lambda: program(None))())
+    assert "host_call" not in str(jax.make_jaxpr(program)(grammars["email"].device_automaton(cfg.vocab_size)))
 
 
 def test_bad_arguments_are_refused_before_compiling(tiny, grammars, monkeypatch):
