@@ -48,14 +48,16 @@ def test_bench_spec_reports_every_contender_and_greedy_matches(tiny_models):
 
 
 def test_bench_constrained_reports_overhead_and_validity():
-    """The JSON schema on both samplers (the regex runs the same code; its checker is tested apart)."""
+    """The JSON schema on both samplers, AR on both mask paths (the regex runs the same code; its
+    checker is tested apart)."""
     results = constrained.run(model=(TINY, numpy_params(TINY, 0)), prompt_len=8, new_tokens=96,
                               batches=(1,), repeats=1, kinds=("json_schema",), prompt_texts=CODE)
     rows = results["rows"]
-    assert {(r["sampler"], r["constraint"]) for r in rows} == {(s, "json_schema") for s in constrained.SAMPLERS}
+    assert [(r["sampler"], r["constraint"], r["masks"]) for r in rows] == [
+        ("ar", "json_schema", "device"), ("ar", "json_schema", "host"), ("block_diffusion", "json_schema", "host")]
     assert all(r["valid_rate"] == 1.0 and r["sampler_valid_rate"] == 1.0 for r in rows)
     assert all(r["ms_per_forward_constrained"] > 0 and r["overhead_vs_ar_step_pct"] is not None
-               and r["host_calls"] > 0 and r["host_ms_per_forward"] > 0 for r in rows)
+               and (r["host_calls"] > 0 and r["host_ms_per_forward"] > 0) == (r["masks"] == "host") for r in rows)
     assert "vs AR step" in constrained.report(results)
     assert constrained.is_valid("regex", "def run(self, x):") and not constrained.is_valid("regex", "def run(x):")
     assert not constrained.is_valid("json_schema", '{"name": "a", "version": 1000, "tags": []}')
