@@ -19,7 +19,8 @@ from jaxgen.training import loop
 # fsdp+tp on data=2,fsdp=2,tensor=2: 2 kv heads for the tensor axis; a batch of 4 rows over data x fsdp
 MESH = ["--mesh", "data=2,fsdp=2,tensor=2", "--rules", "fsdp+tp"]
 RUN = [*TINY_RUN, "num_kv_heads=2", "log_every=1", "eval_every=2", "ckpt_every=2", "progress=false"]
-# 4 CPU devices per process; LLVM at -O0 compiles about twice as fast (losses agree to 1e-6)
+# 4 CPU devices per process; LLVM at -O0 compiles about twice as fast (losses agree to 1e-6); they
+# extend (and override) conftest's flags in os.environ
 XLA_FLAGS = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
 SAMPLE = ["--sampler", "block_diffusion", "--gen-length", "8", "--block-length", "4", "--batch", "4"]
 
@@ -54,8 +55,8 @@ def start_workers(script, port, logs):
     goes to files in `logs` (a full pipe would stall a process while this one trains)."""
     procs = []
     for i in range(2):
-        env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAXGEN_NUM_PROCESSES="2", JAXGEN_PROCESS_ID=str(i))
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAXGEN_NUM_PROCESSES="2", JAXGEN_PROCESS_ID=str(i))
         with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=out, stderr=err))
     return procs

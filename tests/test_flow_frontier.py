@@ -15,7 +15,8 @@ import pytest
 PATH = pathlib.Path(__file__).parents[1] / "experiments" / "flow_frontier.py"
 # The tiny run is compile-bound (its models train for seconds; nearly all of its CPU time is XLA
 # compiling ~160 small programs), so the test runs the script in a subprocess whose XLA CPU backend
-# skips LLVM's optimisation passes: the same programs and code paths, compiled with ~1/3 less CPU.
+# skips LLVM's optimisation passes: the same programs and code paths, compiled with ~1/3 less CPU
+# (on top of conftest's flags, which the subprocess inherits: about half the compile time again).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 

@@ -59,7 +59,8 @@ def test_batch_must_divide():
 
 def run_on_eight_devices(script, *argv):
     """Start `script` in a subprocess that sees 8 CPU devices (the device count is fixed at start-up)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()  # conftest's too
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 

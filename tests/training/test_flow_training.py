@@ -127,7 +127,8 @@ def test_one_device_and_an_eight_device_mesh_agree(tmp_path, data_dir, moons):
     import subprocess
     import sys
     _, one = moons
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()  # conftest's too
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     done = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "eight"), data_dir], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
