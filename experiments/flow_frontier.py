@@ -57,6 +57,7 @@ import optax
 from jaxgen import config, flow, objectives
 from jaxgen.data import continuous
 from jaxgen.flow import continuous_ar as car
+from jaxgen.flow import continuous_ar_sampling as car_sampling
 from jaxgen.flow import guidance, likelihood, metrics, nets
 from jaxgen.flow.variants import blockwise, latent, source, transition, vecor
 from jaxgen.flow.variants.common import NetVelocity, uniform_grid
@@ -505,7 +506,7 @@ def car_row(ctx, head, spec, params, tokens, n: int, train_s, offset=0.0) -> tup
     held-out tokens (head ODE: midpoint, car_ode_steps), and its samples."""
     steps = ctx.p["car_ode_steps"]
     nll = np.asarray(car.token_nll(params, spec, tokens, method="midpoint", steps=steps), np.float64)
-    samples = car.sample(params, spec, jax.random.key(5), n, steps=steps, method="midpoint")
+    samples = car_sampling.sample(params, spec, jax.random.key(5), n, steps=steps, method="midpoint")
     row = {"head": head, "nll_per_token": nll.mean(0).tolist(), "head_nfe_per_token": 2 * steps, "train_s": train_s,
            "nll_per_dim": float(nll.sum(1).mean() / tokens[0].size)}
     return row, np.asarray(samples).reshape(n, -1) - offset

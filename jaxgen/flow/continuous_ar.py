@@ -24,7 +24,7 @@ Orders (who conditions on whom):
           entity velocity).
 
 The class label is dropped to the null class with probability `label_drop` during training
-(classifier-free guidance). Sampling lives in `continuous_ar_sampling` (`sample` here forwards to it).
+(classifier-free guidance). Sampling lives in `continuous_ar_sampling.sample`.
 """
 from __future__ import annotations
 
@@ -416,9 +416,3 @@ def _mar_chain_hidden(params, spec, x_BLD, label_B, order_BL):
     z, _ = hidden(params, spec, inputs)
     z_BPLE = z[:, 1:].reshape(B, L, L, -1)
     return z_BPLE[:, jnp.arange(L), jnp.arange(L)]  # copy p, position p
-
-
-def sample(params, spec: ContinuousARSpec, key, batch: int, **kwargs):
-    """Draw [batch, seq_len, token_dim]; see `jaxgen.flow.continuous_ar_sampling.sample`."""
-    from jaxgen.flow import continuous_ar_sampling
-    return continuous_ar_sampling.sample(params, spec, key, batch, **kwargs)

@@ -58,7 +58,7 @@ def test_loss_nll_sample_shapes_and_finite(models, x_BLD, name):
     assert np.all(weight == 1.0) if spec.order != "mar" else 0 < weight.sum() <= B * L
     nll = car.token_nll(params, spec, x_BLD, steps=STEPS, label_B=LABELS)
     assert nll.shape == (B, L) and np.all(np.isfinite(nll))
-    x = car.sample(params, spec, jax.random.key(3), B, steps=STEPS, num_iter=4, cfg_scale=2.0,
+    x = cars.sample(params, spec, jax.random.key(3), B, steps=STEPS, num_iter=4, cfg_scale=2.0,
                    cfg_schedule="linear" if name == "xar" else "constant", label_B=LABELS)
     assert x.shape == (B, L, D) and np.all(np.isfinite(x))
     assert np.all(np.asarray(x) != 0.0)  # every position was written (the canvas starts at zeros)
@@ -163,7 +163,7 @@ def test_cfg_scale_one_is_the_conditional_model(models, name):
     the unguided conditional sampler draws; scale 3 moves the samples."""
     spec, params = SPECS[name], models[name]
     key = jax.random.key(11)
-    plain = car.sample(params, spec, key, B, steps=STEPS, num_iter=4, label_B=LABELS)
+    plain = cars.sample(params, spec, key, B, steps=STEPS, num_iter=4, label_B=LABELS)
     run = cars._sample_mar if spec.order == "mar" else cars._sample_blocks
     extra = {"num_iter": 4} if spec.order == "mar" else {}
     guided = lambda s: run(params, spec, key, LABELS, jnp.float32(s), jnp.float32(1.0), batch=B, steps=STEPS,
@@ -178,7 +178,7 @@ def test_kv_cache_sampling_matches_teacher_forcing(models, name):
     states of one full teacher-forced forward over the finished sample."""
     spec, params = SPECS[name], models[name]
     key, b, n = jax.random.key(12), spec.block_size, spec.num_entities
-    x = car.sample(params, spec, key, B, steps=STEPS, label_B=LABELS)
+    x = cars.sample(params, spec, key, B, steps=STEPS, label_B=LABELS)
     z = car.teacher_hidden(params, spec, x, LABELS)
     noise = jnp.concatenate([jax.random.normal(jax.random.fold_in(key, j), (B, b, D)) for j in range(n)], axis=1)
     cond = (z.reshape(B * L, -1), jnp.repeat(LABELS, L))  # the head treats rows independently: all at once
@@ -200,11 +200,11 @@ def test_bad_inputs_name_the_value_and_the_fix(models, x_BLD):
     with pytest.raises(ConfigError, match="seq_len=6 is not a multiple of block_size=4"):
         make_spec(order="xar", block_size=4)
     with pytest.raises(ConfigError, match=r"cfg_scale=-1.0 must be .*>= 0"):
-        car.sample(params, spec, jax.random.key(0), B, cfg_scale=-1.0, label_B=LABELS)
+        cars.sample(params, spec, jax.random.key(0), B, cfg_scale=-1.0, label_B=LABELS)
     with pytest.raises(ConfigError, match="cfg_scale=2.0 guides toward a class: pass label_B"):
-        car.sample(params, spec, jax.random.key(0), B, cfg_scale=2.0)
+        cars.sample(params, spec, jax.random.key(0), B, cfg_scale=2.0)
     with pytest.raises(ConfigError, match="unknown cfg_schedule 'cosine'"):
-        car.sample(params, spec, jax.random.key(0), B, cfg_schedule="cosine")
+        cars.sample(params, spec, jax.random.key(0), B, cfg_schedule="cosine")
     with pytest.raises(ConfigError, match="unconditional.*drop label_B"):
         car.token_nll(params, make_spec(num_classes=0), x_BLD, label_B=LABELS)
     with pytest.raises(ConfigError, match=r"class 3 outside \[0, num_classes=3\)"):
