@@ -24,7 +24,7 @@ CONVERSIONS = ("target_to_velocity", "epsilon_to_velocity", "velocity_to_target"
                "velocity_to_epsilon", "target_to_epsilon")
 
 
-def close(a, b, tol=1e-5):
+def assert_close(a, b, tol=1e-5):
     np.testing.assert_allclose(np.asarray(a), b.detach().numpy() if torch.is_tensor(b) else b, rtol=tol, atol=tol)
 
 
@@ -43,12 +43,12 @@ def test_scheduler_values_match_reference(name, inputs):
     t = inputs[0]
     got, want = ours(jnp.asarray(t)), ref(torch.tensor(t))
     for field in ("alpha_t", "sigma_t", "d_alpha_t", "d_sigma_t"):
-        close(getattr(got, field), getattr(want, field))
+        assert_close(getattr(got, field), getattr(want, field))
     snr = (got.alpha_t / got.sigma_t)
-    close(ours.snr_inverse(snr), ref.snr_inverse(torch.tensor(np.asarray(snr))), 1e-4)
-    close(ours.snr_inverse(snr), t, 1e-4)  # inversion recovers t
+    assert_close(ours.snr_inverse(snr), ref.snr_inverse(torch.tensor(np.asarray(snr))), 1e-4)
+    assert_close(ours.snr_inverse(snr), t, 1e-4)  # inversion recovers t
     if ours.convex:
-        close(ours.kappa_inverse(got.alpha_t), t, 1e-5)
+        assert_close(ours.kappa_inverse(got.alpha_t), t, 1e-5)
 
 
 @pytest.mark.parametrize("name", PAIRS)
@@ -58,17 +58,17 @@ def test_path_sample_and_conversions_match_reference(name, inputs):
     path = AffineProbPath(ref)
     want = path.sample(x_0=torch.tensor(x0), x_1=torch.tensor(x1), t=torch.tensor(t))
     x_t, dx_t = jax.jit(paths.sample, static_argnums=0)(ours, x0, x1, t)
-    close(x_t, want.x_t)
-    close(dx_t, want.dx_t)
+    assert_close(x_t, want.x_t)
+    assert_close(dx_t, want.dx_t)
     tt = torch.tensor(t)[:, None, None]  # the reference's converters want t broadcast already
     for conv in CONVERSIONS:
-        close(getattr(paths, conv)(ours, other, x_t, t),
+        assert_close(getattr(paths, conv)(ours, other, x_t, t),
               getattr(path, conv)(torch.tensor(other), torch.tensor(np.asarray(x_t)), tt), 1e-4)
     # round trips and the exact conditional targets
-    close(paths.target_to_velocity(ours, x1, x_t, t), dx_t, 1e-4)
-    close(paths.epsilon_to_velocity(ours, x0, x_t, t), dx_t, 1e-4)
-    close(paths.velocity_to_target(ours, dx_t, x_t, t), x1, 1e-4)
-    close(paths.velocity_to_epsilon(ours, dx_t, x_t, t), x0, 1e-4)
+    assert_close(paths.target_to_velocity(ours, x1, x_t, t), dx_t, 1e-4)
+    assert_close(paths.epsilon_to_velocity(ours, x0, x_t, t), dx_t, 1e-4)
+    assert_close(paths.velocity_to_target(ours, dx_t, x_t, t), x1, 1e-4)
+    assert_close(paths.velocity_to_epsilon(ours, dx_t, x_t, t), x0, 1e-4)
 
 
 def test_scalar_t_and_vmap(inputs):
@@ -76,9 +76,9 @@ def test_scalar_t_and_vmap(inputs):
     s = schedulers.cosine()
     a = paths.sample(s, x0, x1, 0.3)
     b = paths.sample(s, x0, x1, np.full(16, 0.3, np.float32))
-    close(a.x_t, np.asarray(b.x_t))
+    assert_close(a.x_t, np.asarray(b.x_t))
     v = jax.vmap(lambda a_, b_, t_: paths.sample(s, a_[None], b_[None], t_[None]).x_t[0])(x0, x1, t)
-    close(v, np.asarray(paths.sample(s, x0, x1, t).x_t))
+    assert_close(v, np.asarray(paths.sample(s, x0, x1, t).x_t))
 
 
 def test_scheduler_registry_and_bad_input():
@@ -131,9 +131,9 @@ def test_time_samplers():
     np.testing.assert_allclose(float(jnp.mean(jnp.log(ln / (1 - ln)))), 1.2, atol=0.05)
     assert float(jnp.mean(sh)) < float(jnp.mean(u)) - 0.15  # shift > 1 moves mass toward noise (t=0)
     tt = jnp.linspace(0, 1, 11)
-    close(losses.shift_time(tt, 1.0), np.asarray(tt))
+    assert_close(losses.shift_time(tt, 1.0), np.asarray(tt))
     noise = 1 - tt  # SD3's formula on the noise level
-    close(1 - losses.shift_time(tt, 3.0), np.asarray(3 * noise / (1 + 2 * noise)))
+    assert_close(1 - losses.shift_time(tt, 3.0), np.asarray(3 * noise / (1 + 2 * noise)))
     assert losses.t_sampler("logit_normal", mean=0.0)(key, (3,)).shape == (3,)
     with pytest.raises(ConfigError, match="'beta'.*uniform"):
         losses.t_sampler("beta")
@@ -148,8 +148,8 @@ def test_schedule_transform_matches_reference(inputs):
     ref = ScheduleTransformedModel(model_torch, CondOTScheduler(), CosineScheduler())
     ours = paths.schedule_transform(model, schedulers.cond_ot(), schedulers.cosine())
     for r in (0.1, 0.5, 0.9):
-        close(ours(x0, r), ref(x=torch.tensor(x0), t=torch.tensor(r)), 1e-5)
+        assert_close(ours(x0, r), ref(x=torch.tensor(x0), t=torch.tensor(r)), 1e-5)
     tt = t[:, None, None]
     want = ScheduleTransformedModel(lambda x, t: model_torch(x, t), CondOTScheduler(), CosineScheduler())(
         x=torch.tensor(x0), t=torch.tensor(tt))
-    close(ours(x0, t), want, 1e-5)  # a [B] time vector
+    assert_close(ours(x0, t), want, 1e-5)  # a [B] time vector
