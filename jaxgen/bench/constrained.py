@@ -104,9 +104,9 @@ def measure(sampler: str, params, cfg, prompt, kind: str, constraint, new_tokens
     free, _ = timed(calls["unconstrained"])  # warm-up
     times = alternate_settled({name: (lambda: None, call) for name, call in calls.items()}, repeats, settle)
     on_device = sampler in DEVICE_MASK_SAMPLERS and constraint.automaton is not None
-    constraints.sessions._LAST_STATS.clear()
     constrained()
-    stats = constraints.last_stats() or constraints.Stats()  # that call's session: host calls, seconds in them
+    # the host path's session of that call: host calls, seconds in them (device masks open none)
+    stats = constraints.Stats() if on_device else constraints.last_stats()
     rows = generated_rows(out, prompt.shape[1], tokenizer.eos_id)
     nfe = {"unconstrained": int(free.nfe), "constrained": int(out.nfe)}
     ms_fwd = {name: 1e3 * median(times[name]) / nfe[name] for name in calls}

@@ -228,10 +228,11 @@ def tree_allowed(auto: TokenAutomaton, state_B, chunk_BC, parents, depth_C, left
     (parents[0] = -1, parents[j] < j); a node the grammar refuses (and its subtree) gets no id.
     left_B: tokens left for the root's next token (EOS included; node j at depth d: left - d)."""
     B, C = chunk_BC.shape
-    states = [state_B]
-    for j in range(1, C):
-        states.append(advance(auto, states[int(parents[j])], chunk_BC[:, j]))
-    state_BC = jnp.stack(states, axis=1)
+    parents, depth_C = np.asarray(parents), np.asarray(depth_C)
+    state_BC = jnp.broadcast_to(state_B[:, None], (B, C))
+    for d in range(1, int(depth_C.max(initial=0)) + 1):  # one gather per tree level
+        nodes = np.flatnonzero(depth_C == d)
+        state_BC = state_BC.at[:, nodes].set(advance(auto, state_BC[:, parents[nodes]], chunk_BC[:, nodes]))
     left = None if left_B is None else (left_B[:, None] - jnp.asarray(depth_C)[None]).reshape(-1)
     return allowed(auto, state_BC.reshape(-1), left).reshape(B, C, -1)
 
@@ -241,6 +242,14 @@ def mask_logits(logits_BV, ok_BV):
 
 
 def advance(auto: TokenAutomaton, state_B, tok_B):
-    """Each row's state after its token (-1 once a row took a refused id: never expected)."""
+    """Each row's state after its token (-1 once a row took a refused id: never expected);
+    any matching shapes ([B], [B, N])."""
     nxt = auto.next_SV[jnp.maximum(state_B, 0), tok_B]
     return jnp.where(state_B >= 0, nxt, -1)
+
+
+def advance_by(auto: TokenAutomaton, state_B, tokens_BK, counts_B):
+    """Each row's state after its first counts[b] tokens (e.g. a speculative step's commits)."""
+    for i in range(tokens_BK.shape[1]):
+        state_B = jnp.where(i < counts_B, advance(auto, state_B, tokens_BK[:, i]), state_B)
+    return state_B

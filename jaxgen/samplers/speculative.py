@@ -325,11 +325,8 @@ def _generate(params, cfg, prompt, lengths_B, key, warp, operands, eos, session,
         rows, live = state.carry, ~state.done
         end = jnp.where(live, jnp.minimum(rows.end + accepted_B + 1, limit_B), rows.end)
         new_BK = written_tokens(chunk_BC, path_BD, accepted_B, next_B)
-        grammar = rows.grammar
-        if on_device:  # each row's automaton takes its committed tokens
-            for i in range(new_BK.shape[1]):
-                grammar = jnp.where(i < end - rows.end, auto.advance(session, grammar, new_BK[:, i]), grammar)
-        elif constrained:  # the matchers take the committed tokens (the budget may replace the last)
+        grammar = auto.advance_by(session, rows.grammar, new_BK, end - rows.end) if on_device else None
+        if constrained and not on_device:  # the matchers take the committed tokens (the budget may replace the last)
             new_BK = constraints.device.budget_advance(session, new_BK, end - rows.end)
         tokens = jnp.where(live[:, None], place_rows(state.tokens, new_BK, rows.end), state.tokens)
         if not chain:
